@@ -1,0 +1,186 @@
+"""Checkpoint files: safe .npz loading, config parsing, MLP discovery, atomic writes.
+
+A checkpoint is one .npz holding timm state_dict keys in PyTorch layout plus a JSON
+``config`` entry (see docs/checkpoint-format.md). Every problem with a file is raised as
+``InputError`` with a one-line message naming the file and the key; the CLIs turn it into
+exit code 2.
+"""
+import json
+import os
+import re
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class InputError(ValueError):
+    """Bad user input (file, key or flag). The message is one line; CLIs exit with code 2."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: tensors in PyTorch layout under timm keys, and the parsed config."""
+    path: str
+    config: dict
+    tensors: dict = field(repr=False)  # key -> np.ndarray
+    extra: dict = field(default_factory=dict, repr=False)  # non-tensor entries (e.g. 'fips')
+
+
+@dataclass(frozen=True)
+class MLPBlock:
+    """Where one block's MLP lives. ``index`` is the global block index in forward order."""
+    index: int
+    prefix: str       # e.g. 'blocks.3' or 'layers.2.blocks.5'
+    stage: int        # Swin stage (0 for ViT)
+    d: int            # model width of the block (fc1 input)
+    hidden: int       # MLP hidden width F (fc1 output)
+
+    def key(self, name):
+        """Full timm key of a tensor of this block, e.g. key('mlp.fc1.weight')."""
+        return f"{self.prefix}.{name}"
+
+
+def load_npz(path, what="file"):
+    """Load every array of an .npz eagerly, refusing pickles; raise InputError naming the file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such {what}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise InputError(f"{path}: not an .npz archive (a single .npy array)")
+            out = {}
+            for k in z.files:
+                try:
+                    out[k] = z[k]
+                except ValueError as e:
+                    if "allow_pickle" in str(e):
+                        raise InputError(f"{path}: key {k!r} holds a pickled object array; "
+                                         "refusing to load it") from None
+                    raise InputError(f"{path}: key {k!r} cannot be read ({e})") from None
+            return out
+    except InputError:
+        raise
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"{path}: not a readable .npz archive ({msg})") from None
+
+
+def parse_json_entry(path, arrays, key):
+    """Parse the 0-d string array ``arrays[key]`` as a JSON object."""
+    if key not in arrays:
+        raise InputError(f"{path}: missing key {key!r}")
+    a = arrays[key]
+    try:
+        value = json.loads(str(a.item() if a.ndim == 0 else a))
+    except (ValueError, TypeError):
+        value = None
+    if not isinstance(value, dict):
+        raise InputError(f"{path}: key {key!r} is not a JSON object")
+    return value
+
+
+def _require(path, config, name, kind):
+    value = config.get(name)
+    ok = isinstance(value, kind) and not isinstance(value, bool) if kind is int else isinstance(value, kind)
+    if not ok:
+        raise InputError(f"{path}: config field {name!r} is missing or not {kind.__name__}")
+    return value
+
+
+def load_checkpoint(path):
+    """Load and validate a checkpoint (config + finite tensors); see docs/checkpoint-format.md."""
+    arrays = load_npz(path, "checkpoint")
+    config = parse_json_entry(path, arrays, "config")
+    arch = config.get("arch")
+    if arch not in ("vit", "swin"):
+        raise InputError(f"{path}: config field 'arch' must be 'vit' or 'swin', got {arch!r}")
+    if arch == "vit":
+        _require(path, config, "depth", int)
+    else:
+        depths = _require(path, config, "depths", list)
+        if not all(isinstance(x, int) and x > 0 for x in depths):
+            raise InputError(f"{path}: config field 'depths' must be a list of positive ints")
+    extra = {k: arrays.pop(k) for k in ("config", "fips") if k in arrays}
+    for k, a in arrays.items():
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise InputError(f"{path}: key {k!r} contains NaN or Inf")
+    return Checkpoint(path=os.fspath(path), config=config, tensors=arrays, extra=extra)
+
+
+def block_prefixes(config):
+    """[(prefix, stage)] of every block in forward order, from the config (ViT or Swin)."""
+    if config["arch"] == "vit":
+        return [(f"blocks.{i}", 0) for i in range(config["depth"])]
+    return [(f"layers.{s}.blocks.{j}", s)
+            for s, n in enumerate(config["depths"]) for j in range(n)]
+
+
+def find_mlp_blocks(ckpt):
+    """Every block's MLP, in forward order, with shapes checked: fc1 [F, D], fc2 [D, F]."""
+    blocks = []
+    for index, (prefix, stage) in enumerate(block_prefixes(ckpt.config)):
+        w1 = _tensor(ckpt, f"{prefix}.mlp.fc1.weight", ndim=2)
+        hidden, d = w1.shape
+        _tensor(ckpt, f"{prefix}.mlp.fc1.bias", shape=(hidden,))
+        _tensor(ckpt, f"{prefix}.mlp.fc2.weight", shape=(d, hidden))
+        _tensor(ckpt, f"{prefix}.mlp.fc2.bias", shape=(d,))
+        blocks.append(MLPBlock(index, prefix, stage, d, hidden))
+    _check_no_stray_mlp_keys(ckpt, blocks)
+    return blocks
+
+
+def _tensor(ckpt, key, shape=None, ndim=None):
+    if key not in ckpt.tensors:
+        raise InputError(f"{ckpt.path}: missing key {key!r}")
+    a = ckpt.tensors[key]
+    if (shape is not None and a.shape != shape) or (ndim is not None and a.ndim != ndim):
+        want = shape if shape is not None else f"{ndim} dimensions"
+        raise InputError(f"{ckpt.path}: key {key!r} has shape {a.shape}, expected {want}")
+    if a.dtype.kind != "f":
+        raise InputError(f"{ckpt.path}: key {key!r} has dtype {a.dtype}, expected floating point")
+    return a
+
+
+_MLP_KEY = re.compile(r"^(.*)\.mlp\.fc[12]\.(weight|bias)$")
+
+
+def _check_no_stray_mlp_keys(ckpt, blocks):
+    """An MLP key outside the config's blocks means config and tensors disagree."""
+    known = {b.prefix for b in blocks}
+    for k in ckpt.tensors:
+        m = _MLP_KEY.match(k)
+        if m and m.group(1) not in known:
+            raise InputError(f"{ckpt.path}: key {k!r} belongs to no block of the config "
+                             f"({len(blocks)} blocks)")
+
+
+def save_npz_atomic(path, arrays):
+    """Write ``arrays`` to ``path`` via a temporary file in the same folder, then rename."""
+    _write_atomic(path, lambda f: np.savez(f, **arrays))
+
+
+def save_json_atomic(path, obj):
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    _write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode() + b"\n"))
+
+
+def _write_atomic(path, write):
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def json_entry(obj):
+    """A JSON object as the 0-d string array stored under 'config' / 'fips'."""
+    return np.array(json.dumps(obj))
