@@ -1,0 +1,333 @@
+"""python -m fips_ref.compress [CKPT.npz] — the local stage of FiPS, checkpoint to compressed checkpoint.
+
+With no argument it compresses the bundled demo (weights/vit_digits.npz) with its recorded
+calibration activations and reports accuracy before and after on the demo's held-out digits.
+Every default is the authors' where they published one; ``--help`` says where each comes from.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .backend import BackendError, device_name, load_backend, peak_device_bytes, to_numpy
+from .budget import original_bits, storage_bits
+from .calib import ActivationStore, load_calib_acts, save_acts, synthetic_acts
+from .checkpoint import InputError, find_mlp_blocks, json_entry, load_checkpoint, save_json_atomic, save_npz_atomic
+from .codec import encode
+from .local_stage import FiPSConfig, config_dict, run_local_stage
+from .sharing import STRATEGIES, check_groups, default_groups, parse_groups
+from .sparsity import SPARSIFIERS, describe
+
+WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+DEMO_CKPT = WEIGHTS / "vit_digits.npz"
+DEMO_ACTS = WEIGHTS / "vit_digits_calib.npz"
+DEMO_TEST = WEIGHTS / "digits_test.npz"
+
+
+# ----------------------------------------------------------------------------- flags
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are a single line (exit code 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def ranged(lo, hi, lo_open=False, hi_open=False, kind=float):
+    """argparse type: a number in the interval [lo, hi] with optional open ends."""
+    def parse(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not np.isfinite(x) or x < lo or x > hi or (lo_open and x == lo) or (hi_open and x == hi):
+            lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
+            raise argparse.ArgumentTypeError(f"{text} is outside {lb}{lo}, {hi}{rb}")
+        return x
+    return parse
+
+
+POSITIVE_INT = ranged(1, 10**12, kind=int)
+
+
+def build_parser():
+    d = FiPSConfig()
+    p = OneLineParser(prog="python -m fips_ref.compress", description=__doc__.splitlines()[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", nargs="?", help="input .npz (default: the bundled demo, weights/vit_digits.npz)")
+    io = p.add_argument_group("files")
+    io.add_argument("--out", help="compressed .npz (default: beside the input, NAME.fips.npz)")
+    io.add_argument("--report", help="write a JSON report here")
+    io.add_argument("--calib-acts", help="recorded MLP inputs, keys mlp_in.{i}, [M, D] or [N, T, D]")
+    io.add_argument("--calib", help="folder of calibration images, recorded through the model's forward")
+    io.add_argument("--calib-images", type=POSITIVE_INT, help="use at most this many calibration images")
+    io.add_argument("--calib-augment", action="store_true",
+                    help="authors' training augmentation for calibration images (fips-spec §4.1)")
+    io.add_argument("--save-acts", help="keep the recorded MLP inputs in this .npz for --calib-acts")
+    io.add_argument("--max-memory", type=ranged(0, 1e6), default=4.0,
+                    help="GiB of recorded activations kept in RAM; above, float16 memmap on disk")
+    io.add_argument("--synthetic-samples", type=POSITIVE_INT, default=256,
+                    help="samples per block synthesised from norm2 when no calibration data is given")
+    io.add_argument("--eval-data", help="images+labels .npz or labelled folder: accuracy before/after")
+    a = p.add_argument_group("FiPS (paper §3; fips-spec §1-§3)")
+    a.add_argument("--budget", type=ranged(0, 1, lo_open=True), default=d.budget,
+                   help="fraction of MLP weights kept (U + nnz V)")
+    a.add_argument("--sparsity", type=ranged(0, 1, hi_open=True), default=d.sparsity, help="target sparsity of V")
+    a.add_argument("--sparsifier", choices=SPARSIFIERS, default=d.sparsifier,
+                   help="gmp is the paper's final recipe (§4.3)")
+    a.add_argument("--group-size", type=POSITIVE_INT, default=4, help="blocks per group (paper: 4 for DeiT-B)")
+    a.add_argument("--groups", help="explicit groups, e.g. 0-3,4-7,8-11 (overrides --group-size)")
+    a.add_argument("--concat", choices=STRATEGIES, default=d.strategy,
+                   help="long: basis on the model width (authors' concat_axis 1); short: on the hidden width")
+    a.add_argument("--tau", type=ranged(0, 1e9, lo_open=True), default=d.tau, help="growth divisor τ (code: 32)")
+    a.add_argument("--round-to", type=ranged(0, 10**6, kind=int), default=d.round_to,
+                   help="round the rank down to a multiple (authors' LLM structured_sparsity: 64; 0 = off)")
+    a.add_argument("--variant", choices=("authors", "paper"), default=d.variant,
+                   help="paper: cubic denominator t_end-t_accel, zero-initialised regrowth, 25%% initial GMP")
+    g = a.add_mutually_exclusive_group()
+    g.add_argument("--global-pruning", dest="global_pruning", action="store_true", default=True,
+                   help="one magnitude threshold over every V (every vision config)")
+    g.add_argument("--uniform-pruning", dest="global_pruning", action="store_false",
+                   help="per-layer threshold (the paper's 'local pruning')")
+    t = p.add_argument_group("optimisation (fips-spec §4.4, §5)")
+    t.add_argument("--epochs", type=POSITIVE_INT, default=d.epochs, help="authors: 20")
+    t.add_argument("--batch-size", type=POSITIVE_INT, default=d.batch_size, help="samples per step (authors: 128)")
+    t.add_argument("--lr", type=ranged(0, 10, lo_open=True), default=d.lr,
+                   help="AdamW lr; the authors' DeiT value is unpublished, see docs/options.md")
+    t.add_argument("--eta-min", type=ranged(0, 10), default=d.eta_min, help="cosine floor (swin_large_config.yaml)")
+    t.add_argument("--weight-decay", type=ranged(0, 10), default=d.weight_decay, help="configs: 0.05")
+    t.add_argument("--beta1", type=ranged(0, 1, hi_open=True), default=d.beta1, help="configs: 0.9")
+    t.add_argument("--beta2", type=ranged(0, 1, hi_open=True), default=d.beta2, help="configs: 0.999")
+    t.add_argument("--eps", type=ranged(0, 1), default=d.eps, help="configs: 9.999e-9")
+    t.add_argument("--gmp-initial", type=ranged(0, 1, hi_open=True),
+                   help="GMP start sparsity (default: 0.05 configs; 0.25 with --variant paper)")
+    t.add_argument("--gmp-accelerated", type=ranged(0, 1, hi_open=True), default=d.gmp_accelerated,
+                   help="GMP sparsity at t_accel (configs: 0.5)")
+    t.add_argument("--t-accel", type=ranged(0, 10**9, kind=int),
+                   help="GMP acceleration step (default: 240/600 of the run, swin_large_config.yaml; 25%% for paper)")
+    t.add_argument("--t-end-coeff", type=ranged(0, 1, lo_open=True), default=d.t_end_coeff,
+                   help="sparsity schedule ends at this fraction of the run (configs: 0.75)")
+    t.add_argument("--delta-t", type=POSITIVE_INT, help="steps between mask updates (default: 50/600 of the run)")
+    t.add_argument("--rigl-drop-fraction", type=ranged(0, 1), default=d.rigl_drop_fraction,
+                   help="RigL q (swin_large_config.yaml: 0.1)")
+    t.add_argument("--seed", type=ranged(0, 2**63 - 1, kind=int), default=d.seed, help="batch order and synthesis")
+    r = p.add_argument_group("execution")
+    r.add_argument("--backend", choices=("numpy", "cupy"), help="default: $FIPS_REF_BACKEND or numpy")
+    r.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    r.add_argument("--storage-dtype", choices=("float16", "float32"), default="float16",
+                   help="dtype of U and V values in the file (paper §3 counts 16 bits)")
+    r.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    return p
+
+
+def fips_config(args):
+    """FiPSConfig from parsed flags."""
+    return FiPSConfig(
+        budget=args.budget, sparsity=args.sparsity, sparsifier=args.sparsifier, strategy=args.concat,
+        tau=args.tau, round_to=args.round_to, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        eta_min=args.eta_min, weight_decay=args.weight_decay, beta1=args.beta1, beta2=args.beta2,
+        eps=args.eps, gmp_initial=args.gmp_initial, gmp_accelerated=args.gmp_accelerated,
+        t_accel=args.t_accel, t_end_coeff=args.t_end_coeff, delta_t=args.delta_t,
+        rigl_drop_fraction=args.rigl_drop_fraction, global_pruning=args.global_pruning,
+        variant=args.variant, seed=args.seed)
+
+
+# ----------------------------------------------------------------------------- calibration
+def token_count(config):
+    """Tokens per image of a ViT (patches + prefix tokens); 49 for Swin (one 7×7 window)."""
+    if config["arch"] != "vit":
+        return 49
+    size, patch = config.get("img_size", 224), config.get("patch_size", 16)
+    h, w = (size, size) if isinstance(size, int) else size
+    ph, pw = (patch, patch) if isinstance(patch, int) else patch
+    return (h // ph) * (w // pw) + int(config.get("class_token", True)) + int(config.get("distilled", False))
+
+
+def calibration(args, ckpt, blocks, xp, log):
+    """(acts, description, store or None) from --calib-acts, --calib or synthesis."""
+    if args.calib_acts:
+        acts = load_calib_acts(args.calib_acts, blocks)
+        if args.calib_images:
+            acts = {i: a[:args.calib_images] for i, a in acts.items()}
+        return acts, {"source": "activations", "path": args.calib_acts}, None
+    if args.calib:
+        return record_from_images(args, ckpt, blocks, xp, log)
+    n = args.synthetic_samples
+    log(f"no calibration data: synthesising {n} samples per block from norm2 (h = γ·z + β)")
+    acts = synthetic_acts(ckpt, blocks, samples=n, tokens=token_count(ckpt.config), seed=args.seed)
+    return acts, {"source": "synthetic", "samples": n,
+                  "note": "MLP inputs synthesised from each block's norm2 affine parameters"}, None
+
+
+def record_from_images(args, ckpt, blocks, xp, log):
+    """Run calibration images through the model and stream every block's MLP input into a store."""
+    from .images import list_images, load_images
+    from .models import forward
+    paths, _ = list_images(args.calib)
+    paths = paths[:args.calib_images] if args.calib_images else paths
+    size = ckpt.config.get("img_size", 224)
+    size = size if isinstance(size, int) else size[0]
+    rng = np.random.default_rng(args.seed)
+    images = load_images(paths, size=size, train=args.calib_augment, rng=rng,
+                         in_chans=ckpt.config.get("in_chans", 3))
+    probe = forward(ckpt, images[:1], record_mlp_inputs=True, xp=xp)[1]
+    shapes = {i: (images.shape[0],) + a.shape[1:] for i, a in probe.items()}
+    store = ActivationStore(shapes, int(args.max_memory * 2**30),
+                            folder=os.path.dirname(os.path.abspath(args.out)))
+    log(f"recording MLP inputs of {images.shape[0]} images ({store.mode}, "
+        f"{store.total_bytes / 2**30:.2f} GiB)")
+    forward(ckpt, images, on_mlp_input=store, xp=xp)
+    return store.finish(), {"source": "images", "path": args.calib, "images": len(paths),
+                            "storage": store.mode, "augment": bool(args.calib_augment)}, store
+
+
+# ----------------------------------------------------------------------------- report
+def mlp_counts(blocks, result):
+    """Original MLP weights, kept parameters (U + nnz V) of the compressed blocks."""
+    original = sum(2 * b.d * b.hidden for b in blocks if any(b.index in g.blocks for g in result.groups))
+    kept = 0
+    for g in result.groups:
+        kept += g.rows * g.rank
+        for l in g.layers:
+            m = result.masks.get(f"{l.key}.V")
+            kept += int(m.sum()) if m is not None else g.rank * g.cols
+    return original, kept
+
+
+def storage_summary(result, arrays, original_numel, value_bits):
+    """Paper §3 bits (16-bit values + 1 mask bit per V entry) next to the bits actually written."""
+    paper = written_formula = 0
+    for g in result.groups:
+        nnz = sum(int(result.masks[f"{l.key}.V"].sum()) if result.masks else g.rank * g.cols
+                  for l in g.layers)
+        cols = g.cols * len(g.layers)
+        paper += storage_bits(g.rows, g.rank, cols, nnz, 16)
+        written_formula += storage_bits(g.rows, g.rank, cols, nnz, value_bits)
+    written = sum(a.nbytes * 8 for k, a in arrays.items() if k.startswith("fips."))
+    orig16 = 16 * original_numel
+    return {"paper_bits": paper, "original_bits_16": orig16, "paper_ratio": paper / orig16,
+            "formula_bits_at_storage_dtype": written_formula, "written_bits": written,
+            "written_ratio_vs_original_16bit": written / orig16}
+
+
+def build_report(args, cfg, ckpt, blocks, result, arrays, calib, out_path, xp, seconds, accuracy):
+    """The JSON report of a run (docs/report.md)."""
+    original, kept = mlp_counts(blocks, result)
+    value_bits = np.dtype(args.storage_dtype).itemsize * 8
+    return {
+        "fips_ref_version": __version__, "input": ckpt.path, "output": out_path,
+        "backend": xp.__name__, "device": device_name(xp), "dtype": args.dtype,
+        "calibration": calib, "config": config_dict(cfg),
+        "schedule": dataclasses.asdict(result.schedule),
+        "groups": [{"index": g.index, "blocks": list(g.blocks), "rank": g.rank, "rows": g.rows,
+                    "cols": g.cols, "grown": g.rank > g.rows} for g in result.groups],
+        "blocks": [{"index": b, "rel_error_init": result.error_init.get(b),
+                    "rel_error_final": result.error_final.get(b)} for b in sorted(result.error_final)],
+        "layer_density": describe(result.masks) if result.masks else {},
+        "params": {"mlp_original": original, "mlp_kept": kept, "achieved_budget": kept / original,
+                   "target_budget": args.budget},
+        "storage": dict(storage_summary(result, arrays, original, value_bits),
+                        file_bytes=os.path.getsize(out_path), original_file_bytes=os.path.getsize(ckpt.path)),
+        "history": result.history, "wall_seconds": seconds, "peak_device_bytes": peak_device_bytes(xp),
+        "accuracy": accuracy,
+    }
+
+
+# ----------------------------------------------------------------------------- main
+def run(args, log):
+    """The whole job; returns the report dict. Raises InputError / BackendError on bad input."""
+    t0 = time.perf_counter()
+    demo = args.checkpoint is None
+    ckpt = load_checkpoint(args.checkpoint or DEMO_CKPT)
+    if demo and not (args.calib_acts or args.calib):
+        args.calib_acts = str(DEMO_ACTS)
+    if demo and args.eval_data is None:
+        args.eval_data = str(DEMO_TEST)
+    out = args.out or str(Path(ckpt.path).with_suffix("")) + ".fips.npz"
+    args.out = out
+    blocks = find_mlp_blocks(ckpt)
+    groups = parse_groups(args.groups) if args.groups else default_groups(blocks, args.group_size)
+    check_groups(groups, blocks)
+    xp = load_backend(args.backend)
+    dtype = np.dtype(args.dtype).type
+    cfg = fips_config(args)
+    acts, calib, store = calibration(args, ckpt, blocks, xp, log)
+    try:
+        if args.save_acts:
+            save_acts(args.save_acts, acts)
+        step_log = None if args.quiet else (lambda s, n, e, loss, sp: log(
+            f"epoch {e + 1} step {s}/{n} loss {loss:.4e} sparsity {sp:.4f}"))
+        result = run_local_stage(ckpt.tensors, acts, groups, cfg, blocks=blocks, xp=xp, dtype=dtype,
+                                 log=step_log, log_every=10)
+    finally:
+        if store is not None:
+            store.cleanup()
+    meta = {"fips_ref_version": __version__, "budget": cfg.budget, "target_sparsity": cfg.sparsity,
+            "achieved_sparsity": result.history["sparsity"][-1] if result.history["sparsity"] else 0.0,
+            "variant": cfg.variant, "seed": cfg.seed, "config": config_dict(cfg),
+            "schedule": dataclasses.asdict(result.schedule), "calibration": calib}
+    arrays, meta = encode(ckpt, result, meta, storage_dtype=np.dtype(args.storage_dtype))
+    arrays["config"], arrays["fips"] = json_entry(ckpt.config), json_entry(meta)
+    save_npz_atomic(out, arrays)
+    accuracy = evaluate_before_after(args, ckpt, out, xp, log) if args.eval_data else None
+    report = build_report(args, cfg, ckpt, blocks, result, arrays, calib, out, xp,
+                          time.perf_counter() - t0, accuracy)
+    if args.report:
+        save_json_atomic(args.report, report)
+    return report
+
+
+def evaluate_before_after(args, ckpt, out, xp, log):
+    """Top-1 of the original and the compressed model on --eval-data, and their agreement."""
+    from .evaluate import agreement, load_eval_data, topk_accuracy
+    from .models import forward
+    images, labels = load_eval_data(args.eval_data, ckpt)
+    before = forward(ckpt, images, xp=xp)
+    after = forward(out, images, xp=xp)
+    acc = {"data": args.eval_data, "images": int(len(images)),
+           "top1_before": topk_accuracy(before, labels, 1), "top1_after": topk_accuracy(after, labels, 1),
+           "top1_agreement": agreement(before, after)}
+    log(f"accuracy on {args.eval_data}: top-1 {acc['top1_before']:.4f} before, "
+        f"{acc['top1_after']:.4f} after ({acc['top1_agreement']:.4f} agreement)")
+    return acc
+
+
+def summary(report):
+    """Lines printed on stdout at the end of a run."""
+    p, s = report["params"], report["storage"]
+    errs = [b["rel_error_final"] for b in report["blocks"]]
+    lines = [f"wrote {report['output']}",
+             f"MLP parameters kept: {p['mlp_kept']:,} of {p['mlp_original']:,} "
+             f"(achieved budget {p['achieved_budget']:.4f}, target {p['target_budget']})",
+             f"final sparsity of V: {report['history']['sparsity'][-1] if report['history']['sparsity'] else 0:.4f}; "
+             f"ranks {[g['rank'] for g in report['groups']]}",
+             f"mean relative MLP output error: {np.mean([b['rel_error_init'] for b in report['blocks']]):.4e} "
+             f"at init, {np.mean(errs):.4e} after",
+             f"storage ratio (paper §3, 16-bit): {s['paper_ratio']:.4f}; file {s['file_bytes']:,} bytes "
+             f"vs original {s['original_file_bytes']:,}",
+             f"wall time {report['wall_seconds']:.1f} s"]
+    if report.get("accuracy"):
+        a = report["accuracy"]
+        lines.append(f"top-1 accuracy: {a['top1_before']:.4f} before, {a['top1_after']:.4f} after")
+    return lines
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    try:
+        report = run(args, log)
+    except (InputError, BackendError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(summary(report)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

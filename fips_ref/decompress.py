@@ -1,0 +1,39 @@
+"""python -m fips_ref.decompress COMPRESSED.npz DENSE.npz — rebuild W = U·V under the original timm keys.
+
+The result is an ordinary checkpoint (PyTorch layout, float32 fc weights, original config) that any
+framework loads; its MLPs compute exactly what the compressed factors compute.
+"""
+import argparse
+import sys
+
+from .checkpoint import InputError, json_entry, load_checkpoint, save_npz_atomic
+from .codec import decompressed_tensors, fips_meta
+from .compress import OneLineParser
+
+
+def decompress(src, dst):
+    """Write the dense checkpoint of compressed ``src`` to ``dst`` (atomic)."""
+    ckpt = load_checkpoint(src)
+    fips_meta(ckpt)
+    tensors = decompressed_tensors(ckpt)
+    tensors["config"] = json_entry(ckpt.config)
+    save_npz_atomic(dst, tensors)
+    return tensors
+
+
+def main(argv=None):
+    p = OneLineParser(prog="python -m fips_ref.decompress", description=__doc__.splitlines()[0])
+    p.add_argument("compressed", help="a .npz written by python -m fips_ref.compress")
+    p.add_argument("dense", help="output .npz with dense fc weights under timm keys")
+    args = p.parse_args(argv)
+    try:
+        decompress(args.compressed, args.dense)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.dense}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""The local (block-wise) error minimisation of FiPS (paper §3 "Local error minimisation", fips-spec §4).
+
+Letters: M tokens in a batch, D model width, F hidden width, R rank.
+
+For every block b the compressed MLP is trained to reproduce the original MLP on that block's
+recorded MLP inputs h_b (the norm2 output). The loss is
+
+    L = Σ_b mean((γ_b ⊙ (mlp_c(h_b) − mlp_o(h_b)))²)
+
+with γ_b the block's LayerScale ls2.gamma (1 without LayerScale). For a pre-norm block with
+frozen attention and teacher-forced inputs this equals the authors' whole-block output MSE
+(fips-spec §4.3). One step is: backward → mask update → AdamW step → LR step.
+
+Entry point for users and cross-checks: ``run_local_stage``.
+"""
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .adamw import adamw_init, adamw_step, cosine_lr, mask_moments
+from .backend import get_xp, to_numpy
+from .checkpoint import InputError
+from .mlp import dense_mlp, lowrank_mlp_backward, lowrank_mlp_forward
+from .sharing import build_groups, concat_group, layer_factors, split_v, svd_init
+from .sparsity import (SPARSIFIERS, cubic_sparsity, density, initial_masks, prune_to,
+                       rigl_drop_fraction, rigl_update)
+
+AUTHORS_STEPS = 600          # 20 epochs × 30 batches (fips-spec §4.1)
+AUTHORS_T_ACCEL = 240        # swin_large_config.yaml, of 600 steps
+AUTHORS_DELTA_T = 50         # every vision config, of 600 steps
+
+
+@dataclass(frozen=True)
+class FiPSConfig:
+    """Every hyper-parameter of the local stage; defaults are the authors' unless noted (docs/options.md)."""
+    budget: float = 0.5
+    sparsity: float = 0.75
+    sparsifier: str = "gmp"            # dense | static | gmp | rigl
+    strategy: str = "long"             # long (authors) | short
+    tau: float = 32.0
+    round_to: int = 0                  # 0: no rounding of the rank (vision configs)
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 3e-4                   # not published for DeiT; chosen by measurement (docs/options.md)
+    eta_min: float = 1e-6              # swin_large_config.yaml
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 9.999e-9
+    gmp_initial: float = None          # None: 0.05 (authors' configs) or 0.25 (paper A.2.2)
+    gmp_accelerated: float = 0.5
+    t_accel: int = None                # None: 240/600 of the run (authors) or 25% (paper)
+    t_end_coeff: float = 0.75
+    delta_t: int = None                # None: 50/600 of the run, at least 1
+    rigl_drop_fraction: float = 0.1
+    global_pruning: bool = True
+    variant: str = "authors"           # authors | paper
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Step counts of one run, resolved from the config and the run length (docs/options.md)."""
+    total_steps: int
+    t_end: int
+    t_accel: int
+    delta_t: int
+    gmp_initial: float
+
+
+def resolve_schedule(cfg, total_steps):
+    """Scale the authors' 600-step schedule lengths to ``total_steps`` where not given explicitly."""
+    paper = cfg.variant == "paper"
+    t_accel = cfg.t_accel
+    if t_accel is None:
+        t_accel = int(total_steps * (0.25 if paper else AUTHORS_T_ACCEL / AUTHORS_STEPS))
+    delta_t = cfg.delta_t or max(1, round(total_steps * AUTHORS_DELTA_T / AUTHORS_STEPS))
+    initial = cfg.gmp_initial if cfg.gmp_initial is not None else (0.25 if paper else 0.05)
+    return Schedule(total_steps, int(cfg.t_end_coeff * total_steps), t_accel, delta_t, initial)
+
+
+@dataclass
+class LocalResult:
+    """Everything the local stage produces; arrays live on the run's backend."""
+    groups: list
+    params: dict                   # 'U.{g}' [rows, R]; '{layer}.V' [R, cols]; '{layer}.bias'
+    masks: dict                    # '{layer}.V' -> bool [R, cols]; empty for the dense sparsifier
+    schedule: Schedule
+    history: dict = field(default_factory=dict)   # loss, lr, sparsity per step
+    error_init: dict = field(default_factory=dict)
+    error_final: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+# ----------------------------------------------------------------------------- initialisation
+def init_factors(weights, groups, *, xp, dtype, tau):
+    """SVD-initialised U per group, V slices and biases per layer (paper §3 "Shared initialisation")."""
+    params = {}
+    for g in groups:
+        U, V = svd_init(concat_group(weights, g), g.rank, tau)    # [rows, R], [R, 2n·cols]
+        params[f"U.{g.index}"] = xp.asarray(U, dtype=dtype)
+        for layer, v in zip(g.layers, split_v(V, g)):
+            params[f"{layer.key}.V"] = xp.asarray(v, dtype=dtype)
+            params[f"{layer.key}.bias"] = xp.asarray(weights[f"{layer.key}.bias"], dtype=dtype)
+    return params
+
+
+def dense_weights(weights, blocks, *, xp, dtype):
+    """Original MLPs in math layout: {block: (W1 [D, F], b1, W2 [F, D], b2, γ or None)}."""
+    out = {}
+    for b in blocks:
+        w = [xp.asarray(weights[b.key(k)], dtype=dtype) for k in
+             ("mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")]
+        gamma = weights.get(b.key("ls2.gamma"))
+        out[b.index] = (w[0].T, w[1], w[2].T, w[3],
+                        None if gamma is None else xp.asarray(gamma, dtype=dtype))
+    return out
+
+
+# ----------------------------------------------------------------------------- loss and gradient
+def compressed_layers(params, masks, group, block):
+    """((A1, B1, b1), (A2, B2, b2)) of a block's fc1 and fc2, masks applied (W = A @ B)."""
+    U = params[f"U.{group.index}"]
+    out = []
+    for layer in (l for l in group.layers if l.block == block):
+        V = params[f"{layer.key}.V"]
+        mask = masks.get(f"{layer.key}.V")
+        V = V if mask is None else V * mask                      # V ⊙ M
+        out.append((*layer_factors(U, V, layer), params[f"{layer.key}.bias"]))
+    return out
+
+
+def block_loss_and_grads(h, y_ref, gamma, fc1, fc2):  # h, y_ref [M, D]
+    """mean((γ ⊙ (mlp_c(h) − y_ref))²) and its gradients w.r.t. fc1, fc2 factors (fips-spec §4.3)."""
+    y, cache = lowrank_mlp_forward(h, fc1, fc2)                  # [M, D]
+    diff = y - y_ref
+    if gamma is not None:
+        diff *= gamma                                            # e = γ ⊙ Δy
+    loss = (diff * diff).sum() / diff.size
+    dy = diff * (2.0 / diff.size)                                # dL/dy = 2 γ ⊙ e / n
+    if gamma is not None:
+        dy *= gamma
+    return loss, lowrank_mlp_backward(dy, cache, fc1, fc2)
+
+
+def factor_grads(dA, dB, layer):  # -> (dU [rows, R], dV [R, cols])
+    """Map dA, dB of W = A @ B back to the layer's U and V (transposes undone)."""
+    return (dA, dB) if layer.basis_first else (dB.T, dA.T)
+
+
+def loss_and_grads(params, masks, groups, inputs, targets, gammas):
+    """Σ_b block loss and dense gradients (dV w.r.t. V ⊙ M, not yet masked) of every parameter."""
+    xp = get_xp(*params.values())
+    total, grads = 0.0, {}
+    for g in groups:
+        dU = xp.zeros_like(params[f"U.{g.index}"])
+        for b in g.blocks:
+            fc = compressed_layers(params, masks, g, b)
+            loss, layer_grads = block_loss_and_grads(inputs[b], targets[b], gammas[b], *fc)
+            total = total + loss
+            for layer, (dA, dB, db) in zip((l for l in g.layers if l.block == b), layer_grads):
+                dU_l, dV = factor_grads(dA, dB, layer)
+                dU += dU_l                                       # shared U: Σ over its 2n layers
+                grads[f"{layer.key}.V"] = dV
+                grads[f"{layer.key}.bias"] = db
+        grads[f"U.{g.index}"] = dU
+    return total, grads
+
+
+# ----------------------------------------------------------------------------- sparsifier steps
+def sparsifier_masks(cfg, sched, V):
+    """prepare(): initial masks of each sparsifier (fips-spec §5.2–5.5); {} for dense."""
+    start = {"dense": None, "static": cfg.sparsity, "rigl": cfg.sparsity, "gmp": sched.gmp_initial}
+    s = start[cfg.sparsifier]
+    return {} if s is None else initial_masks(V, s, global_pruning=cfg.global_pruning)
+
+
+def sparsifier_step(cfg, sched, step, params, masks, dense_grads):
+    """sparsifier.step() at the k-th step: new masks (and zeroed regrowth for the paper variant)."""
+    V = {k: params[k] for k in masks}
+    if cfg.sparsifier == "gmp":
+        s = cubic_sparsity(step, t_end=sched.t_end, delta_t=sched.delta_t, t_accel=sched.t_accel,
+                           initial=sched.gmp_initial, accelerated=cfg.gmp_accelerated,
+                           final=cfg.sparsity, variant=cfg.variant)
+        if s is None or s == sched.gmp_initial:
+            return masks
+        return prune_to(V, masks, s, global_pruning=cfg.global_pruning)
+    if cfg.sparsifier == "rigl":
+        rho = rigl_drop_fraction(step, q=cfg.rigl_drop_fraction, t_end=sched.t_end,
+                                 delta_t=sched.delta_t)
+        if rho is None:
+            return masks
+        masks, grown = rigl_update(V, masks, dense_grads, rho, cfg.sparsity,
+                                   global_pruning=cfg.global_pruning)
+        if cfg.variant == "paper":                               # D3: grown weights start at 0
+            for k, g in grown.items():
+                params[k][g] = 0
+    return masks
+
+
+# ----------------------------------------------------------------------------- batches
+def epoch_batches(n, batch_size, epochs, seed):
+    """Authors' order: a fresh permutation per epoch, n // batch_size full batches (fips-spec §4.3)."""
+    rng = np.random.default_rng(seed)
+    return [[perm[i * batch_size:(i + 1) * batch_size] for i in range(n // batch_size)]
+            for perm in (rng.permutation(n) for _ in range(epochs))]
+
+
+def gather(a, idx, *, xp, dtype):  # [N, T, D] or [N, D] -> [len(idx)·T, D]
+    """Rows ``idx`` of an activation array (NumPy, memmap or device) as a 2-D backend array."""
+    rows = a[xp.asarray(idx)] if get_xp(a) is not np else a[idx]
+    return xp.asarray(rows, dtype=dtype).reshape(-1, a.shape[-1])
+
+
+def reference_outputs(dense, block, h):  # [M, D] -> [M, D]
+    """Original MLP output of a block (the target)."""
+    W1, b1, W2, b2, _ = dense[block]
+    return dense_mlp(h, W1, b1, W2, b2)
+
+
+def relative_errors(params, masks, groups, dense, acts, *, xp, dtype, chunk=64):
+    """Per block ‖γ⊙(mlp_c − mlp_o)‖² / ‖γ⊙mlp_o‖² over every calibration sample."""
+    out = {}
+    for g in groups:
+        for b in g.blocks:
+            fc1, fc2 = compressed_layers(params, masks, g, b)
+            gamma = dense[b][4]
+            num = den = 0.0
+            for s in range(0, acts[b].shape[0], chunk):
+                h = gather(acts[b], np.arange(s, min(s + chunk, acts[b].shape[0])), xp=xp, dtype=dtype)
+                y_ref = reference_outputs(dense, b, h)
+                diff = lowrank_mlp_forward(h, fc1, fc2)[0] - y_ref
+                if gamma is not None:
+                    diff, y_ref = diff * gamma, y_ref * gamma
+                num, den = num + (diff * diff).sum(), den + (y_ref * y_ref).sum()
+            out[b] = float(num) / max(float(den), 1e-300)
+    return out
+
+
+# ----------------------------------------------------------------------------- the run
+def run_local_stage(weights, acts, groups, cfg=FiPSConfig(), *, blocks, batch_order=None,
+                    xp=np, dtype=np.float32, log=None, log_every=10, errors=True):
+    """Run the whole local stage of FiPS on in-memory weights and recorded MLP inputs.
+
+    Parameters
+    ----------
+    weights : dict
+        timm-named tensors in PyTorch layout: ``{prefix}.mlp.fc1.weight`` [F, D], ``.bias`` [F],
+        ``{prefix}.mlp.fc2.weight`` [D, F], ``.bias`` [D], optional ``{prefix}.ls2.gamma`` [D].
+    acts : dict
+        ``{block index: array [N, T, D] or [N, D]}``, each block's recorded MLP inputs; batches
+        are drawn from the first axis (NumPy, np.memmap, or backend arrays).
+    groups : list of list of int
+        Block indices of each sharing group.
+    cfg : FiPSConfig
+    blocks : list of checkpoint.MLPBlock
+        Where each block's MLP lives (``checkpoint.find_mlp_blocks``).
+    batch_order : list of list of index arrays, optional
+        Per epoch, the sample indices of each step; replaces the seeded permutations so another
+        implementation can be replayed step for step.
+    log : callable, optional
+        ``log(step, total_steps, epoch, loss, sparsity)`` every ``log_every`` steps.
+
+    Returns
+    -------
+    LocalResult
+        Final factors and biases (``params``), bool ``masks``, resolved ``schedule``, ``history``
+        with per-step ``loss``, ``lr`` and ``sparsity``, and per-block relative errors.
+    """
+    t0 = time.perf_counter()
+    if cfg.sparsifier not in SPARSIFIERS:
+        raise InputError(f"--sparsifier: unknown {cfg.sparsifier!r} (choose from {', '.join(SPARSIFIERS)})")
+    n = _sample_count(acts, blocks)
+    order = batch_order if batch_order is not None else epoch_batches(n, cfg.batch_size, cfg.epochs, cfg.seed)
+    sched = resolve_schedule(cfg, sum(len(e) for e in order))
+    rank_sparsity = 0.0 if cfg.sparsifier == "dense" else cfg.sparsity   # B12: dense keeps the budget
+    plan = build_groups(blocks, groups, budget=cfg.budget, sparsity=rank_sparsity,
+                        strategy=cfg.strategy, round_to=cfg.round_to or None)
+    params = init_factors(weights, plan, xp=xp, dtype=dtype, tau=cfg.tau)
+    masks = sparsifier_masks(cfg, sched, {k: v for k, v in params.items() if k.endswith(".V")})
+    dense = dense_weights(weights, blocks, xp=xp, dtype=dtype)
+    gammas = {b: dense[b][4] for b in dense}
+    result = LocalResult(plan, params, masks, sched)
+    if errors:
+        result.error_init = relative_errors(params, masks, plan, dense, acts, xp=xp, dtype=dtype)
+    state = adamw_init(params)
+    hist = {"loss": [], "lr": [], "sparsity": []}
+    rigl_sum = {}
+    sparsity_now = 1.0 - density(masks) if masks else 0.0
+    step = 0
+    for epoch, batches in enumerate(order):
+        for idx in batches:
+            step += 1
+            inputs = {b: gather(acts[b], idx, xp=xp, dtype=dtype) for b in dense}
+            targets = {b: reference_outputs(dense, b, inputs[b]) for b in dense}
+            loss, grads = loss_and_grads(params, masks, plan, inputs, targets, gammas)
+            dense_grads = _rigl_gradients(cfg, sched, step, grads, masks, rigl_sum)
+            for k, m in masks.items():
+                grads[k] = grads[k] * m                          # gradient to the stored V: ⊙ old mask
+            new_masks = sparsifier_step(cfg, sched, step, params, masks, dense_grads)
+            if new_masks is not masks:
+                masks, sparsity_now = new_masks, 1.0 - density(new_masks)
+            lr = cosine_lr(step - 1, lr=cfg.lr, eta_min=cfg.eta_min, t_max=sched.total_steps)
+            adamw_step(params, grads, state, lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                       weight_decay=cfg.weight_decay)
+            mask_moments(state, masks)
+            hist["loss"].append(loss)
+            hist["lr"].append(lr)
+            hist["sparsity"].append(sparsity_now)
+            if log is not None and (step % log_every == 0 or step == sched.total_steps):
+                log(step, sched.total_steps, epoch, float(loss), hist["sparsity"][-1])
+    hist["loss"] = [float(x) for x in hist["loss"]]                # one sync, at the end
+    result.masks, result.history = masks, hist
+    if errors:
+        result.error_final = relative_errors(params, masks, plan, dense, acts, xp=xp, dtype=dtype)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _rigl_gradients(cfg, sched, step, grads, masks, rigl_sum):
+    """Dense gradients RigL grows by: summed over steps 1..Δt for the first update, then the step's own (B5)."""
+    if cfg.sparsifier != "rigl":
+        return None
+    if step > sched.delta_t:
+        return {k: grads[k] for k in masks}
+    for k in masks:
+        rigl_sum[k] = grads[k] + rigl_sum[k] if k in rigl_sum else grads[k].copy()
+    return rigl_sum
+
+
+def _sample_count(acts, blocks):
+    missing = [b.index for b in blocks if b.index not in acts]
+    if missing:
+        raise InputError(f"calibration activations: block {missing[0]} has none")
+    sizes = {acts[b.index].shape[0] for b in blocks}
+    if len(sizes) != 1:
+        raise InputError(f"calibration activations: blocks have different sample counts {sorted(sizes)}")
+    return sizes.pop()
+
+
+def config_dict(cfg):
+    """The config as a plain dict (for reports and the compressed file's metadata)."""
+    return asdict(cfg)

@@ -1,0 +1,168 @@
+"""Sharing groups, the concatenated weight matrix C and its SVD initialisation (paper §3, fips-spec §1, §3).
+
+Letters: D model width, F hidden width, n blocks in a group, R rank.
+
+Strategy 'long' (the authors' code, concat_axis 1): every layer becomes a [D, F] block, fc1 as
+x @ W (in×out) and fc2 transposed, and the 2n blocks are concatenated along the columns:
+C = [W_fc1,b0 | W_fc2,b0ᵀ | W_fc1,b1 | …], shape [D, 2n·F]. U [D, R] is shared and acts on the
+model-width side; V_j [R, F] is layer j's sparse slice; fc1 = U V_j, fc2 = (U V_j)ᵀ.
+
+Strategy 'short' shares the basis on the hidden side instead: every layer becomes an [F, D]
+block, C = [W_fc1,b0ᵀ | W_fc2,b0 | …] of shape [F, 2n·D], U [F, R], V_j [R, D]; fc1 = (U V_j)ᵀ,
+fc2 = U V_j. Stacking the same blocks along the other axis gives Cᵀ, whose SVD is the same
+factorisation transposed, so these two are the only distinct strategies (docs/algorithm.md).
+"""
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from .budget import rank_for_shape, sparse_rank
+from .checkpoint import InputError
+
+STRATEGIES = ("long", "short")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One compressed fc layer: its timm key prefix, block and orientation."""
+    key: str            # e.g. 'blocks.3.mlp.fc1'
+    block: int          # global block index
+    basis_first: bool   # math weight [in, out] = U @ V (True) or (U @ V)ᵀ (False)
+
+
+@dataclass(frozen=True)
+class Group:
+    """A sharing group: one dense U [rows, rank] and one sparse V slice [rank, cols] per layer."""
+    index: int
+    blocks: tuple
+    rows: int
+    cols: int
+    rank: int
+    layers: tuple       # fc1_b0, fc2_b0, fc1_b1, fc2_b1, ... (fips-spec §1.2)
+
+
+# ----------------------------------------------------------------------------- groups
+def default_groups(blocks, group_size):
+    """Consecutive groups of ``group_size`` blocks inside each stage (paper §4: 4 for DeiT-B)."""
+    groups = []
+    for stage in sorted({b.stage for b in blocks}):
+        ids = [b.index for b in blocks if b.stage == stage]
+        if group_size < 1 or len(ids) % group_size:
+            raise InputError(f"--group-size {group_size} does not divide the {len(ids)} blocks of "
+                             f"stage {stage}; give uneven groups with --groups")
+        groups += [ids[i:i + group_size] for i in range(0, len(ids), group_size)]
+    return groups
+
+
+def parse_groups(spec):
+    """'0-3,4-7,8-11' -> [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]] ('5' is a one-block group)."""
+    groups = []
+    for item in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", item)
+        if not m or (m.group(2) and int(m.group(2)) < int(m.group(1))):
+            raise InputError(f"--groups: cannot parse {item.strip()!r} (expected e.g. 0-3,4-7)")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        groups.append(list(range(lo, hi + 1)))
+    return groups
+
+
+def check_groups(groups, blocks):
+    """Every block in exactly one group; a group stays inside one stage and one width."""
+    by_index = {b.index: b for b in blocks}
+    seen = set()
+    for g in groups:
+        for i in g:
+            if i not in by_index:
+                raise InputError(f"--groups: block {i} does not exist (blocks 0-{len(blocks) - 1})")
+            if i in seen:
+                raise InputError(f"--groups: block {i} is in more than one group")
+            seen.add(i)
+        shapes = {(by_index[i].stage, by_index[i].d, by_index[i].hidden) for i in g}
+        if len(shapes) > 1:
+            raise InputError(f"--groups: group {g[0]}-{g[-1]} mixes stages or widths "
+                             f"{sorted(shapes)}")
+    missing = sorted(set(by_index) - seen)
+    if missing:
+        raise InputError(f"--groups: block {missing[0]} is in no group")
+
+
+# ----------------------------------------------------------------------------- plan
+def build_groups(blocks, groups, *, budget, sparsity, strategy="long", round_to=None):
+    """Group descriptors with ranks from the budget (fips-spec §2)."""
+    by_index = {b.index: b for b in blocks}
+    out = []
+    for gi, ids in enumerate(groups):
+        ids = sorted(ids)
+        d, f = by_index[ids[0]].d, by_index[ids[0]].hidden
+        if strategy == "long":
+            rows, cols = d, f
+            ratio = f // d if f % d == 0 else f / d
+            rank = sparse_rank(len(ids), d, budget, sparsity, round_to=round_to, mlp_ratio=ratio)
+        else:
+            rows, cols = f, d
+            rank = rank_for_shape(f, 2 * len(ids) * d, budget, sparsity)
+            rank = round_to * (rank // round_to) if round_to else rank
+        if rank < 1:
+            raise InputError(f"--budget {budget}: rank of group {gi} would be {rank}; raise the budget")
+        layers = []
+        for i in ids:
+            prefix = by_index[i].prefix
+            layers.append(Layer(f"{prefix}.mlp.fc1", i, strategy == "long"))
+            layers.append(Layer(f"{prefix}.mlp.fc2", i, strategy != "long"))
+        out.append(Group(gi, tuple(ids), rows, cols, rank, tuple(layers)))
+    return out
+
+
+def layer_block(w_torch, layer):  # PyTorch [out, in] -> the layer's [rows, cols] block of C
+    """The layer's block of C: its math weight Wᵀ_torch, transposed again when basis_first is False."""
+    w_math = w_torch.T                               # [out, in] -> [in, out]
+    return w_math if layer.basis_first else w_math.T
+
+
+def concat_group(weights, group):  # -> [rows, 2n·cols]
+    """C of a group (fips-spec §1.2), float64 on the host; ``weights[key]`` are PyTorch-layout."""
+    return np.concatenate([np.asarray(layer_block(weights[f"{l.key}.weight"], l), np.float64)
+                           for l in group.layers], axis=1)
+
+
+def layer_factors(U, V, layer):  # U [rows, R], V [R, cols] -> (A [in, R], B [R, out])
+    """The layer's math weight as a product A @ B: (U, V), or (Vᵀ, Uᵀ) for (U V)ᵀ."""
+    return (U, V) if layer.basis_first else (V.T, U.T)
+
+
+# ----------------------------------------------------------------------------- SVD init
+def svd_init(C, rank, tau=32):  # [rows, cols] -> (U [rows, R], V [R, cols])
+    """Truncated SVD with singular values folded into V, grown Net2Net-style when R > rows (§3).
+
+    U = U_full[:, :R], V = (diag(S) Vh)[:R]. When R exceeds q = min(rows, cols), U gets R − q
+    zero columns and V gets the rows of diag(S) Vh, largest first, each divided by τ, cycled if
+    R − q > q; so U V = C exactly at init. Signs are canonical: the largest-|·| entry of each
+    U[:, i] is positive.
+    """
+    C = np.asarray(C, dtype=np.float64)
+    U, S, Vh = np.linalg.svd(C, full_matrices=False)   # [rows, q], [q], [q, cols]
+    U, Vh = _canonical_signs(U, Vh)
+    V = S[:, None] * Vh                                 # [q, cols]
+    q = S.shape[0]
+    if rank <= q:
+        return U[:, :rank].copy(), V[:rank].copy()
+    k = rank - q
+    grown = V[:min(k, q)] / tau                         # [min(k, q), cols]
+    reps = -(-k // grown.shape[0])
+    V = np.concatenate([V, np.tile(grown, (reps, 1))[:k]], axis=0)   # [R, cols]
+    U = np.concatenate([U, np.zeros((U.shape[0], k))], axis=1)       # [rows, R]
+    return U, V
+
+
+def _canonical_signs(U, Vh):  # flip (U[:, i], Vh[i]) so U's largest-|.| entry per column is > 0
+    idx = np.argmax(np.abs(U), axis=0)
+    signs = np.sign(U[idx, np.arange(U.shape[1])])
+    signs[signs == 0] = 1.0
+    return U * signs, Vh * signs[:, None]
+
+
+def split_v(V, group):  # [R, 2n·cols] -> [[R, cols]] * 2n
+    """Per-layer slices V[:, cols·j : cols·(j+1)] as separate contiguous arrays (§1.3)."""
+    return [np.ascontiguousarray(V[:, j * group.cols:(j + 1) * group.cols])
+            for j in range(len(group.layers))]
