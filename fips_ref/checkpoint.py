@@ -174,6 +174,9 @@ def _write_atomic(path, write):
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)                   # mkstemp's 0600 -> the usual file mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
