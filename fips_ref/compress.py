@@ -317,8 +317,18 @@ def summary(report):
     return lines
 
 
+def parse(parser, argv):
+    """Parsed flags, or the exit code argparse chose (2 for usage errors, 0 for --help)."""
+    try:
+        return parser.parse_args(argv), None
+    except SystemExit as e:
+        return None, e.code
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args, code = parse(build_parser(), argv)
+    if args is None:
+        return code
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
         report = run(args, log)

@@ -8,7 +8,7 @@ import sys
 
 from .checkpoint import InputError, json_entry, load_checkpoint, save_npz_atomic
 from .codec import decompressed_tensors, fips_meta
-from .compress import OneLineParser
+from .compress import OneLineParser, parse
 
 
 def decompress(src, dst):
@@ -25,7 +25,9 @@ def main(argv=None):
     p = OneLineParser(prog="python -m fips_ref.decompress", description=__doc__.splitlines()[0])
     p.add_argument("compressed", help="a .npz written by python -m fips_ref.compress")
     p.add_argument("dense", help="output .npz with dense fc weights under timm keys")
-    args = p.parse_args(argv)
+    args, code = parse(p, argv)
+    if args is None:
+        return code
     try:
         decompress(args.compressed, args.dense)
     except InputError as e:
