@@ -6,6 +6,7 @@ Every default is the authors' where they published one; ``--help`` says where ea
 """
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -68,6 +69,8 @@ def build_parser():
     io.add_argument("--calib-images", type=POSITIVE_INT, help="use at most this many calibration images")
     io.add_argument("--calib-augment", action="store_true",
                     help="authors' training augmentation for calibration images (fips-spec §4.1)")
+    io.add_argument("--skip-bad-images", action="store_true",
+                    help="skip calibration images Pillow cannot read (a warning each) instead of failing")
     io.add_argument("--save-acts", help="keep the recorded MLP inputs in this .npz for --calib-acts")
     io.add_argument("--max-memory", type=ranged(0, 1e6), default=4.0,
                     help="GiB of recorded activations kept in RAM; above, float16 memmap on disk")
@@ -165,25 +168,32 @@ def calibration(args, ckpt, blocks, xp, log):
 
 
 def record_from_images(args, ckpt, blocks, xp, log):
-    """Run calibration images through the model and stream every block's MLP input into a store."""
-    from .images import list_images, load_images
+    """Stream calibration images through the model; every block's MLP input goes into a store."""
+    from .images import IMAGENET_MEAN, IMAGENET_STD, iter_image_batches, list_images
     from .models import forward
     paths, _ = list_images(args.calib)
-    paths = paths[:args.calib_images] if args.calib_images else paths
-    size = ckpt.config.get("img_size", 224)
-    size = size if isinstance(size, int) else size[0]
     rng = np.random.default_rng(args.seed)
-    images = load_images(paths, size=size, train=args.calib_augment, rng=rng,
-                         in_chans=ckpt.config.get("in_chans", 3))
-    probe = forward(ckpt, images[:1], record_mlp_inputs=True, xp=xp)[1]
-    shapes = {i: (images.shape[0],) + a.shape[1:] for i, a in probe.items()}
-    store = ActivationStore(shapes, int(args.max_memory * 2**30),
-                            folder=os.path.dirname(os.path.abspath(args.out)))
-    log(f"recording MLP inputs of {images.shape[0]} images ({store.mode}, "
-        f"{store.total_bytes / 2**30:.2f} GiB)")
-    forward(ckpt, images, on_mlp_input=store, xp=xp)
-    return store.finish(), {"source": "images", "path": args.calib, "images": len(paths),
-                            "storage": store.mode, "augment": bool(args.calib_augment)}, store
+    if args.calib_images and args.calib_images < len(paths):     # a seeded random subset
+        paths = [paths[i] for i in np.sort(rng.choice(len(paths), args.calib_images, replace=False))]
+    cfg = ckpt.config
+    size = cfg.get("img_size", 224)
+    kw = dict(size=size if isinstance(size, int) else size[0], train=args.calib_augment, rng=rng,
+              skip_bad=args.skip_bad_images, in_chans=cfg.get("in_chans", 3),
+              mean=cfg.get("mean", IMAGENET_MEAN), std=cfg.get("std", IMAGENET_STD))
+    batches = iter_image_batches(paths, args.batch_size, **kw)
+    first, _ = next(batches)
+    probe = forward(ckpt, first[:1], record_mlp_inputs=True, xp=xp)[1]
+    store = ActivationStore({i: (len(paths),) + a.shape[1:] for i, a in probe.items()},
+                            int(args.max_memory * 2**30), folder=os.path.dirname(os.path.abspath(args.out)))
+    log(f"recording MLP inputs of {len(paths)} images into {store.mode} "
+        f"({store.total_bytes / 2**30:.2f} GiB)")
+    n = 0
+    for x in itertools.chain([first], (x for x, _ in batches)):
+        forward(ckpt, x, xp=xp, on_mlp_input=lambda b, s, h, n=n: store(b, n + s, h))
+        n += x.shape[0]
+    acts = {i: a[:n] for i, a in store.finish().items()}
+    return acts, {"source": "images", "path": args.calib, "images": n, "storage": store.mode,
+                  "augment": bool(args.calib_augment)}, store
 
 
 # ----------------------------------------------------------------------------- report
