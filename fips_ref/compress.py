@@ -7,7 +7,6 @@ Every default is the authors' where they published one; ``--help`` says where ea
 import argparse
 import dataclasses
 import itertools
-import json
 import os
 import sys
 import time
@@ -16,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .backend import BackendError, device_name, load_backend, peak_device_bytes, to_numpy
-from .budget import original_bits, storage_bits
+from .backend import BackendError, device_name, load_backend, peak_device_bytes
+from .budget import storage_bits
 from .calib import ActivationStore, load_calib_acts, save_acts, synthetic_acts
 from .checkpoint import InputError, find_mlp_blocks, json_entry, load_checkpoint, save_json_atomic, save_npz_atomic
 from .codec import encode

@@ -3,7 +3,6 @@
 The result is an ordinary checkpoint (PyTorch layout, float32 fc weights, original config) that any
 framework loads; its MLPs compute exactly what the compressed factors compute.
 """
-import argparse
 import sys
 
 from .checkpoint import InputError, json_entry, load_checkpoint, save_npz_atomic

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .adamw import adamw_init, adamw_step, cosine_lr, mask_moments
-from .backend import get_xp, to_numpy
+from .backend import get_xp
 from .checkpoint import InputError
 from .mlp import dense_mlp, lowrank_mlp_backward, lowrank_mlp_forward
 from .sharing import build_groups, concat_group, layer_factors, split_v, svd_init
