@@ -1,9 +1,10 @@
 """Convert timm weights to a fips_ref checkpoint (.npz) and back, with NumPy alone.
 
     python -m fips_ref.convert model.safetensors deit_b.npz --timm-name deit_base_patch16_224
-    python -m fips_ref.convert deit_b.npz model.safetensors   # original, or FiPS-compressed (densified)
+    python -m fips_ref.convert deit_b.fips.npz model.safetensors   # compressed -> dense timm
 
-The direction follows the extensions: .safetensors / .pth / .pt / .bin -> .npz, .npz -> .safetensors.
+The direction follows the extensions: .safetensors / .pth / .pt / .bin -> .npz, or
+.npz -> .safetensors.
 
 safetensors layout (huggingface/safetensors README): 8-byte little-endian unsigned header
 length n; n bytes of UTF-8 JSON {key: {"dtype", "shape", "data_offsets": [begin, end]},
@@ -42,10 +43,12 @@ def read_safetensors_header(path):
     with open(path, "rb") as f:
         prefix = f.read(8)
         if len(prefix) < 8:
-            raise InputError(f"{path}: truncated safetensors header ({size} bytes, need 8 for its length)")
+            raise InputError(f"{path}: truncated safetensors header ({size} bytes, need 8 "
+                             "for its length)")
         n = int.from_bytes(prefix, "little")
         if n > size - 8 or n > MAX_HEADER_BYTES:
-            raise InputError(f"{path}: safetensors header length {n} exceeds the file size ({size} bytes)")
+            raise InputError(f"{path}: safetensors header length {n} exceeds the file size "
+                             f"({size} bytes)")
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
@@ -171,7 +174,8 @@ def remap_legacy_swin(state):
         return state
     out = {}
     for k, v in state.items():
-        k = re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) + 1}.downsample", k)
+        k = re.sub(r"layers\.(\d+)\.downsample",
+                   lambda m: f"layers.{int(m.group(1)) + 1}.downsample", k)
         out[k.replace("head.", "head.fc.") if k.startswith("head.") else k] = v
     return out
 
@@ -179,16 +183,16 @@ def remap_legacy_swin(state):
 def check_shapes(source, tensors, config):
     """Every expected key present with its shape, and no unexpected key (InputError naming it)."""
     want = expected_shapes(config)
+    name = config.get("timm_name", config["arch"])
     for key, shape in want.items():
         if key not in tensors:
             raise InputError(f"{source}: missing key {key!r} (expected shape {list(shape)})")
         if tuple(tensors[key].shape) != tuple(shape):
             raise InputError(f"{source}: key {key!r} has shape {list(tensors[key].shape)}, "
-                             f"expected {list(shape)} for {config.get('timm_name', config['arch'])}")
+                             f"expected {list(shape)} for {name}")
     for key in tensors:
         if key not in want:
-            raise InputError(f"{source}: unexpected key {key!r} for "
-                             f"{config.get('timm_name', config['arch'])}")
+            raise InputError(f"{source}: unexpected key {key!r} for {name}")
 
 
 def read_weights(path):
@@ -250,7 +254,8 @@ def build_parser():
         description="timm .safetensors/.pth -> checkpoint .npz, or .npz -> .safetensors. "
                     "Example: python -m fips_ref.convert model.safetensors deit_b.npz "
                     "--timm-name deit_base_patch16_224")
-    p.add_argument("input", help=".safetensors, .pth, .pt or .bin (timm weights); or a checkpoint .npz")
+    p.add_argument("input",
+                   help=".safetensors, .pth, .pt or .bin (timm weights); or a checkpoint .npz")
     p.add_argument("output", help=".npz (from timm weights) or .safetensors (from a checkpoint)")
     p.add_argument("--timm-name", help="timm model name (fips_ref.timm_configs.TIMM_CONFIGS)")
     p.add_argument("--num-classes", type=_non_negative_int, default=None,

@@ -1,6 +1,6 @@
 """Evaluate a checkpoint (original or FiPS-compressed) on labelled images.
 
-    python -m fips_ref.evaluate weights/deit_b.npz --data imagenet/val --reference weights/deit_b.npz
+    python -m fips_ref.evaluate deit_b.fips.npz --data imagenet/val --reference deit_b.npz
     # -> a table with top-1 / top-5 accuracy, and agreement 100.00 % / mean KL 0 vs the reference
 
 Dimension legend: N images, K classes, C/H/W image channels/height/width.
@@ -94,7 +94,8 @@ def _check_labels(labels, num_classes, where=""):
                          f"has {num_classes} classes (wrong --class-map?)")
 
 
-def evaluate(ckpt, images_or_batches, labels=None, *, reference=None, batch_size=64, dtype=None, xp=None):
+def evaluate(ckpt, images_or_batches, labels=None, *, reference=None, batch_size=64, dtype=None,
+             xp=None):
     """Run the model (and the reference) over images and return the metrics.
 
     Parameters
@@ -188,7 +189,8 @@ def build_parser():
     p.add_argument("--data", required=True,
                    help="image folder (class sub-folders = labels, or flat) or .npz with "
                         "'images' [N, C, H, W] (normalised) and optional 'labels' [N]")
-    p.add_argument("--reference", help="original checkpoint: adds agreement and mean KL(ref || model)")
+    p.add_argument("--reference",
+                   help="original checkpoint: adds agreement and mean KL(ref || model)")
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--json", help="write the results here (atomic)")
     p.add_argument("--class-map", help="class name -> index: JSON, or text with one class per line")
@@ -201,9 +203,11 @@ def build_parser():
                    help="input side (default: config img_size)")
     p.add_argument("--crop-pct", type=_crop_pct, default=0.875,
                    help="resize shorter side to floor(img_size / crop_pct) before the centre "
-                        "crop (default 0.875: Resize 256 -> CenterCrop 224, as the FiPS test transform)")
+                        "crop (default 0.875: Resize 256 -> CenterCrop 224, the FiPS test "
+                        "transform)")
     p.add_argument("--limit", type=_positive_int, default=None,
-                   help="evaluate N images spread evenly over the data (indices floor(i * total / N))")
+                   help="evaluate N images spread evenly over the data "
+                        "(indices floor(i * total / N))")
     return p
 
 

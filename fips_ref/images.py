@@ -108,7 +108,8 @@ def _labelled(folder, classes, per_class, class_map):
     paths, labels = [], []
     for i, (name, files) in enumerate(zip(classes, per_class)):
         if class_map is not None and name not in class_map:
-            raise InputError(f"{os.path.join(folder, name)}: class {name!r} is not in the class map")
+            raise InputError(f"{os.path.join(folder, name)}: class {name!r} is not in the "
+                             "class map")
         label = i if class_map is None else class_map[name]
         paths.extend(files)
         labels.extend([label] * len(files))
@@ -131,7 +132,8 @@ def _square(size):
     """int or [S, S] -> S (only square inputs are supported)."""
     if isinstance(size, (list, tuple)):
         if len(size) != 2 or size[0] != size[1]:
-            raise InputError(f"image size {list(size)} is not square; only square sizes are supported")
+            raise InputError(f"image size {list(size)} is not square; only square sizes are "
+                             "supported")
         size = size[0]
     return int(size)
 

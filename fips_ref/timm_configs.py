@@ -167,14 +167,16 @@ def _swin_shapes(c):
     ph, pw = _pair(c["patch_size"])
     win = _pair(c["window_size"])
     dims = [int(C0 * 2 ** s) for s in range(len(c["depths"]))]
-    shapes = {"patch_embed.proj.weight": (C0, c["in_chans"], ph, pw), "patch_embed.proj.bias": (C0,)}
+    shapes = {"patch_embed.proj.weight": (C0, c["in_chans"], ph, pw),
+              "patch_embed.proj.bias": (C0,)}
     shapes.update(_norm("patch_embed.norm", C0))
     for s, (depth, heads, res) in enumerate(zip(c["depths"], c["num_heads"],
                                                 swin_stage_resolutions(c))):
         d = dims[s]
         if s > 0:
             shapes.update(_norm(f"layers.{s}.downsample.norm", 4 * dims[s - 1]))
-            shapes.update(_linear(f"layers.{s}.downsample.reduction", d, 4 * dims[s - 1], bias=False))
+            shapes.update(_linear(f"layers.{s}.downsample.reduction", d, 4 * dims[s - 1],
+                                  bias=False))
         wh, ww = min(res[0], win[0]), min(res[1], win[1])  # window clamped to the stage grid
         for j in range(depth):
             p = f"layers.{s}.blocks.{j}"

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from fips_ref import convert, timm_configs
+from fips_ref import convert
 from fips_ref.checkpoint import json_entry, load_checkpoint, save_npz_atomic
 from fips_ref.timm_configs import TIMM_CONFIGS, expected_shapes
 
