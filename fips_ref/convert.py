@@ -89,6 +89,8 @@ def read_safetensors(path, *, skip=is_dropped_buffer):
         raise InputError(f"{path}: no such file")
     header, start, data_size = read_safetensors_header(path)
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise InputError(f"{path}: safetensors '__metadata__' is not a JSON object")
     tensors = {}
     with open(path, "rb") as f:
         for key, info in header.items():
