@@ -1,0 +1,158 @@
+"""ViT / DeiT forward in timm naming (``VisionTransformer``, ``VisionTransformerDistilled``).
+
+Letters: B batch, C channels, N tokens (prefix + patches), D embed, H heads, F MLP hidden,
+K classes, P patch area (C·ph·pw).
+
+    tokens = [cls, (dist), patches] + pos_embed
+    x = x + ls1 · proj(attn(norm1(x)))          (ls absent = 1)
+    x = x + ls2 · mlp(norm2(x))
+    logits = head(norm(x)[:, 0])
+    distilled DeiT (eval): (head(norm(x)[:, 0]) + head_dist(norm(x)[:, 1])) / 2
+"""
+from dataclasses import dataclass
+
+from ..backend import get_xp
+from ..checkpoint import InputError
+from .layers import (attention, check_heads, config_pair, config_positive, config_value,
+                     layer_norm, linear, patch_embed, patch_grid)
+
+NORM_EPS = 1e-6  # timm ViT/DeiT norm_layer = partial(nn.LayerNorm, eps=1e-6)
+
+REFUSED = (  # timm ViT options that change the forward but are not implemented here
+    ("reg_token", "register tokens"),
+    ("norm_pre.", "pre-norm before the blocks"),
+    ("fc_norm.", "global average pooling with fc_norm"),
+    ("q_norm.", "qk-norm"),
+    ("k_norm.", "qk-norm"),
+    (".attn.norm.", "attention scale-norm"),
+    (".mlp.norm.", "MLP scale-norm"),
+)
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """The config fields the ViT forward reads (timm names; see docs/models.md)."""
+    img_size: tuple      # (H, W) pixels
+    patch_size: tuple    # (ph, pw)
+    grid: tuple          # (gh, gw) patches
+    in_chans: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    num_classes: int
+    qkv_bias: bool
+    norm_eps: float
+    distilled: bool
+
+    @property
+    def num_prefix(self):
+        """Prefix tokens before the patches: cls, plus dist for distilled DeiT."""
+        return 2 if self.distilled else 1
+
+
+def parse_config(path, config):
+    """ViTConfig from a checkpoint config; InputError naming the file and the field."""
+    img = config_pair(path, config, "img_size")
+    patch = config_pair(path, config, "patch_size")
+    dim = config_positive(path, config, "embed_dim")
+    heads = config_positive(path, config, "num_heads")
+    check_heads(path, "num_heads", dim, heads)
+    if not config_value(path, config, "class_token", (bool,), True, required=False):
+        raise InputError(f"{path}: config field 'class_token' is false; only class-token "
+                         "pooling (head on token 0) is supported")
+    return ViTConfig(
+        img_size=img, patch_size=patch, grid=patch_grid(path, img, patch),
+        in_chans=config_positive(path, config, "in_chans", required=False, default=3),
+        embed_dim=dim, depth=config_positive(path, config, "depth"), num_heads=heads,
+        num_classes=config_positive(path, config, "num_classes"),
+        qkv_bias=config_value(path, config, "qkv_bias", (bool,), True, required=False),
+        norm_eps=float(config_value(path, config, "norm_eps", (int, float), NORM_EPS,
+                                    required=False)),
+        distilled=config_value(path, config, "distilled", (bool,), False, required=False))
+
+
+def blocks(cfg):
+    """[(prefix, D)] of every block in forward order; global block index = position."""
+    return [(f"blocks.{i}", cfg.embed_dim) for i in range(cfg.depth)]
+
+
+def mlp_token_shapes(cfg):
+    """[(T, D)] of each block's MLP input: every token, prefix included."""
+    n = cfg.num_prefix + cfg.grid[0] * cfg.grid[1]
+    return [(n, cfg.embed_dim)] * cfg.depth
+
+
+def param_shapes(cfg):
+    """({key: PyTorch shape} of every non-MLP tensor, optional keys); MLPs are checked per block."""
+    D, K, (ph, pw) = cfg.embed_dim, cfg.num_classes, cfg.patch_size
+    n = cfg.num_prefix + cfg.grid[0] * cfg.grid[1]
+    heads = ("head", "head_dist") if cfg.distilled else ("head",)
+    shapes = {"patch_embed.proj.weight": (D, cfg.in_chans, ph, pw),
+              "patch_embed.proj.bias": (D,), "cls_token": (1, 1, D), "pos_embed": (1, n, D),
+              "norm.weight": (D,), "norm.bias": (D,)}
+    if cfg.distilled:
+        shapes["dist_token"] = (1, 1, D)
+    for h in heads:
+        shapes.update({f"{h}.weight": (K, D), f"{h}.bias": (K,)})
+    optional = []
+    for prefix, _ in blocks(cfg):
+        shapes.update({f"{prefix}.{k}": s for k, s in (
+            ("norm1.weight", (D,)), ("norm1.bias", (D,)), ("attn.qkv.weight", (3 * D, D)),
+            ("attn.proj.weight", (D, D)), ("attn.proj.bias", (D,)),
+            ("norm2.weight", (D,)), ("norm2.bias", (D,)),
+            ("ls1.gamma", (D,)), ("ls2.gamma", (D,)))})
+        if cfg.qkv_bias:
+            shapes[f"{prefix}.attn.qkv.bias"] = (3 * D,)
+        optional += [f"{prefix}.ls1.gamma", f"{prefix}.ls2.gamma"]
+    return shapes, tuple(optional)
+
+
+# ----------------------------------------------------------------------------- forward
+def embed(x, p, cfg):  # [B, C, Hi, Wi] -> [B, N, D]
+    """timm _pos_embed (no_embed_class=False): concat [cls, (dist), patches], then + pos_embed."""
+    xp = get_xp(x)
+    B, D = x.shape[0], cfg.embed_dim
+    t = patch_embed(x, p, "patch_embed.proj", cfg.patch_size)  # -> [B, gh, gw, D]
+    t = t.reshape(B, -1, D)                                   # -> [B, gh·gw, D] row-major
+    names = ("cls_token", "dist_token") if cfg.distilled else ("cls_token",)
+    prefix = [xp.broadcast_to(p[n], (B, 1, D)) for n in names]  # [1, 1, D] -> [B, 1, D]
+    t = xp.concatenate(prefix + [t], axis=1)                  # -> [B, N, D]
+    return t + p["pos_embed"]
+
+
+def layer_scale(y, gamma):  # [B, N, D] -> [B, N, D]
+    """timm LayerScale (ls1/ls2.gamma, per channel); an absent gamma is nn.Identity."""
+    return y if gamma is None else y * gamma
+
+
+def block(x, p, prefix, cfg, mlp):  # [B, N, D] -> [B, N, D]
+    """timm Block (pre-norm): x + ls1·attn(norm1(x)), then x + ls2·mlp(norm2(x))."""
+    eps = cfg.norm_eps
+    h = layer_norm(x, p[f"{prefix}.norm1.weight"], p[f"{prefix}.norm1.bias"], eps)
+    a = attention(h, p[f"{prefix}.attn.qkv.weight"], p.get(f"{prefix}.attn.qkv.bias"),
+                  p[f"{prefix}.attn.proj.weight"], p[f"{prefix}.attn.proj.bias"], cfg.num_heads)
+    x = x + layer_scale(a, p.get(f"{prefix}.ls1.gamma"))
+    h = layer_norm(x, p[f"{prefix}.norm2.weight"], p[f"{prefix}.norm2.bias"], eps)
+    return x + layer_scale(mlp(h), p.get(f"{prefix}.ls2.gamma"))
+
+
+def features(cfg, p, mlps, x):  # [B, C, Hi, Wi] -> [B, N, D]
+    """timm forward_features: embed, blocks, final norm over ALL tokens."""
+    t = embed(x, p, cfg)
+    for i, (prefix, _) in enumerate(blocks(cfg)):
+        t = block(t, p, prefix, cfg, mlps[i])
+    return layer_norm(t, p["norm.weight"], p["norm.bias"], cfg.norm_eps)
+
+
+def head(t, p, cfg):  # [B, N, D] -> [B, K]
+    """timm forward_head: head(token 0); distilled DeiT in eval: (head(t0) + head_dist(t1)) / 2."""
+    logits = linear(t[:, 0], p["head.weight"], p["head.bias"])  # [B, D] -> [B, K]
+    if not cfg.distilled:
+        return logits
+    dist = linear(t[:, 1], p["head_dist.weight"], p["head_dist.bias"])  # [B, D] -> [B, K]
+    return (logits + dist) / 2
+
+
+def forward(cfg, p, mlps, x):  # [B, C, Hi, Wi] -> [B, K]
+    """Logits of a ViT/DeiT; ``mlps[i]`` is block i's MLP callable [..., D] -> [..., D]."""
+    return head(features(cfg, p, mlps, x), p, cfg)
