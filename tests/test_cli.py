@@ -12,6 +12,7 @@ from fips_ref.calib import acts_key
 from fips_ref.checkpoint import json_entry, load_checkpoint, save_npz_atomic
 from fips_ref.compress import DEMO_ACTS, DEMO_CKPT, main as compress_main
 from fips_ref.decompress import main as decompress_main
+from fips_ref.sparsity import cubic_sparsity
 
 from model_fixtures import make_swin_checkpoint, make_vit_checkpoint
 
@@ -51,7 +52,16 @@ def test_default_run_compresses_the_bundled_demo(tmp_path):
     assert rep["calibration"]["path"] == str(DEMO_ACTS)
     assert rep["accuracy"]["top1_before"] > 0.9
     assert rep["accuracy"]["top1_after"] > rep["accuracy"]["top1_before"] - 0.05
-    assert abs(rep["params"]["achieved_budget"] - 0.5) < 0.05
+    # authors' GMP stops short of --sparsity 0.75 (fips-spec §5.3), so the budget ends above 0.5:
+    # the final sparsity is the schedule's value at its last update, and the budget follows from it
+    sch = rep["schedule"]
+    last = sch["t_end"] - sch["t_end"] % sch["delta_t"]
+    s_end = cubic_sparsity(last, t_end=sch["t_end"], delta_t=sch["delta_t"], t_accel=sch["t_accel"],
+                           initial=sch["gmp_initial"], accelerated=0.5, final=0.75)
+    assert abs(rep["history"]["sparsity"][-1] - s_end) < 1e-4
+    u = sum(g["rows"] * g["rank"] for g in rep["groups"])
+    v = sum(2 * len(g["blocks"]) * g["rank"] * g["cols"] for g in rep["groups"])
+    assert abs(rep["params"]["achieved_budget"] - (u + (1 - s_end) * v) / rep["params"]["mlp_original"]) < 1e-4
     assert all(b["rel_error_final"] < 0.2 for b in rep["blocks"])
     assert load_checkpoint(out).extra["fips"] is not None
     assert os.path.getsize(out) < os.path.getsize(DEMO_CKPT)
