@@ -75,7 +75,9 @@ def resolve_schedule(cfg, total_steps):
     t_accel = cfg.t_accel
     if t_accel is None:
         t_accel = int(total_steps * (0.25 if paper else AUTHORS_T_ACCEL / AUTHORS_STEPS))
-    delta_t = cfg.delta_t or max(1, round(total_steps * AUTHORS_DELTA_T / AUTHORS_STEPS))
+    # floor, not round: t_end = 0.75·total stays (close to) a multiple of delta_t, so the last
+    # mask update lands at t_end as the authors' 450 = 9·50 does (docs/options.md)
+    delta_t = cfg.delta_t or max(1, total_steps * AUTHORS_DELTA_T // AUTHORS_STEPS)
     initial = cfg.gmp_initial if cfg.gmp_initial is not None else (0.25 if paper else 0.05)
     return Schedule(total_steps, int(cfg.t_end_coeff * total_steps), t_accel, delta_t, initial)
 
@@ -102,7 +104,8 @@ def init_factors(weights, groups, *, xp, dtype, tau):
         params[f"U.{g.index}"] = xp.asarray(U, dtype=dtype)
         for layer, v in zip(g.layers, split_v(V, g)):
             params[f"{layer.key}.V"] = xp.asarray(v, dtype=dtype)
-            params[f"{layer.key}.bias"] = xp.asarray(weights[f"{layer.key}.bias"], dtype=dtype)
+            # a copy: AdamW updates params in place, and the caller's bias is also the target's
+            params[f"{layer.key}.bias"] = xp.array(weights[f"{layer.key}.bias"], dtype=dtype)
     return params
 
 
