@@ -31,7 +31,7 @@ DEIT_GROUPS = ((768, 4),) * 3
 
 
 # ----------------------------------------------------------------------------- published ranks
-@pytest.mark.parametrize("p, rank", zip(BUDGETS, DEIT_RANKS))
+@pytest.mark.parametrize("p, rank", list(zip(BUDGETS, DEIT_RANKS)))
 def test_sparse_rank_deit_table(p, rank):
     assert sparse_rank(4, 768, p, 0.75) == rank
 
@@ -106,7 +106,7 @@ def test_rank_for_shape_agrees_with_sparse_rank(n, d, p, s):
 
 
 # ----------------------------------------------------------------------------- achieved budget
-@pytest.mark.parametrize("r, printed", zip(DEIT_RANKS, DEIT_ACHIEVED))
+@pytest.mark.parametrize("r, printed", list(zip(DEIT_RANKS, DEIT_ACHIEVED)))
 def test_achieved_budget_deit_table(r, printed):
     d, D = 768, 8 * 4 * 768
     achieved = (d * r + int(0.25 * r * D)) / (d * D)
@@ -143,7 +143,7 @@ def test_storage_ratio_tables(model, groups):
     assert got == pytest.approx(STORAGE[model], abs=1e-12), got
 
 
-@pytest.mark.parametrize("p, printed", zip(BUDGETS, STORAGE["deit"]))
+@pytest.mark.parametrize("p, printed", list(zip(BUDGETS, STORAGE["deit"])))
 def test_storage_ratio_formula_deit(p, printed):
     """The closed form at the achieved budget gives the same table (one group shape)."""
     d, D = 768, 8 * 4 * 768

@@ -354,6 +354,8 @@ def test_resolve_schedule_scaling():
     assert (p.t_accel, p.delta_t, p.t_end, p.gmp_initial) == (150, 50, 450, 0.25)
     s = resolve_schedule(FiPSConfig(), 60)
     assert (s.t_accel, s.delta_t, s.t_end) == (24, 5, 45)
+    s = resolve_schedule(FiPSConfig(), 80)                   # 80 · 50/600 = 6.67: floored
+    assert (s.t_accel, s.delta_t, s.t_end) == (32, 6, 60)
     s = resolve_schedule(FiPSConfig(t_accel=7, delta_t=3, gmp_initial=0.1, t_end_coeff=0.5), 60)
     assert (s.t_accel, s.delta_t, s.t_end, s.gmp_initial) == (7, 3, 30, 0.1)
     assert resolve_schedule(FiPSConfig(), 3).delta_t == 1
