@@ -55,10 +55,20 @@ def ranged(lo, hi, lo_open=False, hi_open=False, kind=float):
 POSITIVE_INT = ranged(1, 10**12, kind=int)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Append '(default: X)' only where the help text does not already say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False) or "default" in text or isinstance(action, argparse._StoreFalseAction):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser():
     d = FiPSConfig()
     p = OneLineParser(prog="python -m fips_ref.compress", description=__doc__.splitlines()[0],
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                      formatter_class=HelpFormatter)
     p.add_argument("checkpoint", nargs="?", help="input .npz (default: the bundled demo, weights/vit_digits.npz)")
     io = p.add_argument_group("files")
     io.add_argument("--out", help="compressed .npz (default: beside the input, NAME.fips.npz)")
@@ -114,13 +124,13 @@ def build_parser():
                    help="GMP acceleration step (default: 240/600 of the run, swin_large_config.yaml; 25%% for paper)")
     t.add_argument("--t-end-coeff", type=ranged(0, 1, lo_open=True), default=d.t_end_coeff,
                    help="sparsity schedule ends at this fraction of the run (configs: 0.75)")
-    t.add_argument("--delta-t", type=POSITIVE_INT, help="steps between mask updates (default: 50/600 of the run)")
+    t.add_argument("--delta-t", type=POSITIVE_INT, help="steps between mask updates (default: ⌊run·50/600⌋, configs' 50 of 600)")
     t.add_argument("--rigl-drop-fraction", type=ranged(0, 1), default=d.rigl_drop_fraction,
                    help="RigL q (swin_large_config.yaml: 0.1)")
     t.add_argument("--seed", type=ranged(0, 2**63 - 1, kind=int), default=d.seed, help="batch order and synthesis")
     r = p.add_argument_group("execution")
     r.add_argument("--backend", choices=("numpy", "cupy"), help="default: $FIPS_REF_BACKEND or numpy")
-    r.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    r.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="compute precision")
     r.add_argument("--storage-dtype", choices=("float16", "float32"), default="float16",
                    help="dtype of U and V values in the file (paper §3 counts 16 bits)")
     r.add_argument("--quiet", action="store_true", help="no progress on stderr")
