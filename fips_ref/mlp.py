@@ -7,27 +7,32 @@ A FiPS layer stores a low-rank product ``W = A @ B`` (A [in, R], B [R, out]); wh
 shared basis U and the sparse slice V plays A or B depends on the layer (see sharing.py).
 Derivations: docs/derivations.md.
 """
-import math
 from typing import NamedTuple
 
-from .backend import erf, get_xp
-
-SQRT_HALF = math.sqrt(0.5)
-INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+from .backend import get_xp, normal_cdf, normal_cdf_pdf, row_slabs
 
 
 # ----------------------------------------------------------------------------- GELU (exact erf)
-def gelu(z):  # [M, F] -> [M, F]
+def gelu(z):  # [..., F] -> [..., F]
     """Exact GELU, z·Φ(z) = ½ z (1 + erf(z/√2)), as torch.nn.GELU() (timm default)."""
-    return 0.5 * z * (1.0 + erf(z * SQRT_HALF))
+    return z * normal_cdf(z)
 
 
-def gelu_backward(dout, z):  # [M, F], [M, F] -> [M, F]
-    """d gelu / dz = Φ(z) + z·φ(z); Φ recomputed from z rather than cached."""
+def gelu_with_grad(z):  # [M, F] -> ([M, F], [M, F])
+    """GELU(z) and its derivative Φ(z) + z·φ(z), computed together and kept for the backward.
+
+    Row slab by row slab (backend.row_slabs), so on the CPU the temporaries stay in cache.
+    """
     xp = get_xp(z)
-    cdf = 0.5 * (1.0 + erf(z * SQRT_HALF))
-    pdf = INV_SQRT_2PI * xp.exp(-0.5 * z * z)
-    return dout * (cdf + z * pdf)
+    a, g = xp.empty_like(z), xp.empty_like(z)
+    for s in row_slabs(z.shape[0], z.shape[1], xp):
+        zs = z[s]
+        cdf, pdf = normal_cdf_pdf(zs)
+        a[s] = zs * cdf
+        pdf *= zs
+        pdf += cdf
+        g[s] = pdf                             # Φ(z) + z φ(z)
+    return a, g
 
 
 # ----------------------------------------------------------------------------- low-rank linear
@@ -48,31 +53,48 @@ def lowrank_forward(x, A, B, bias, factored=None):  # [M, in] -> [M, out]
         factored = factored_is_cheaper(x.shape[0], A.shape[0], A.shape[1], B.shape[1])
     if factored:
         t = x @ A                      # [M, in] -> [M, R]
-        return t @ B + bias, LowRankCache(x, t, None)
-    W = A @ B                          # [in, R] @ [R, out] -> [in, out]
-    return x @ W + bias, LowRankCache(x, None, W)
+        y = t @ B                      # [M, R] -> [M, out]
+    else:
+        t, W = None, A @ B             # [in, R] @ [R, out] -> [in, out]
+        y = x @ W                      # [M, in] -> [M, out]
+    y += bias                          # in place: y is ours
+    return y, LowRankCache(x, t, None if factored else W)
 
 
 def lowrank_backward(dout, cache, A, B, need_dx=True):  # [M, out] -> ([M, in], dA, dB, db)
-    """Backward of lowrank_forward: returns (dx or None, dA [in, R], dB [R, out], db [out])."""
+    """Backward of lowrank_forward: returns (dx or None, dA [in, R], dB [R, out], db [out]).
+
+    dA and dB come out in the memory order of A and B (see matmul_like).
+    """
     db = dout.sum(axis=0)
     if cache.t is not None:            # factored: t = x A, y = t B
-        dB = cache.t.T @ dout          # [R, M] @ [M, out]
-        dt = dout @ B.T                # [M, out] @ [out, R]
-        dA = cache.x.T @ dt            # [in, M] @ [M, R]
+        dB = matmul_like(cache.t.T, dout, B)    # [R, M] @ [M, out]
+        dt = dout @ B.T                         # [M, out] @ [out, R]
+        dA = matmul_like(cache.x.T, dt, A)      # [in, M] @ [M, R]
         dx = dt @ A.T if need_dx else None
     else:                              # materialised: W = A B, y = x W
-        dW = cache.x.T @ dout          # [in, M] @ [M, out]
-        dA = dW @ B.T                  # [in, out] @ [out, R]
-        dB = A.T @ dW                  # [R, in] @ [in, out]
+        dW = cache.x.T @ dout                   # [in, M] @ [M, out]
+        dA = matmul_like(dW, B.T, A)            # [in, out] @ [out, R]
+        dB = matmul_like(A.T, dW, B)            # [R, in] @ [in, out]
         dx = dout @ cache.W.T if need_dx else None
     return dx, dA, dB, db
+
+
+def matmul_like(a, b, like):  # [m, k] @ [k, n] -> [m, n]
+    """a @ b stored in the memory order of ``like``: as (bᵀ aᵀ)ᵀ when ``like`` is a transposed view.
+
+    A factor that is a transposed view (fc2's Vᵀ and Uᵀ) then gets a gradient that is a
+    transposed view too, so the gradient of the stored V or U is contiguous, as the parameter.
+    """
+    if like.flags.f_contiguous and not like.flags.c_contiguous:
+        return (b.T @ a.T).T
+    return a @ b
 
 
 # ----------------------------------------------------------------------------- the MLP
 class MLPCache(NamedTuple):
     fc1: LowRankCache
-    z: object   # [M, F] pre-activation
+    g: object   # [M, F] GELU'(z) at the pre-activation z
     fc2: LowRankCache
 
 
@@ -84,13 +106,14 @@ def dense_mlp(x, W1, b1, W2, b2):  # [M, D] -> [M, D]
 def lowrank_mlp_forward(x, fc1, fc2, factored=None):  # [M, D] -> [M, D]
     """Compressed MLP: fc1 = (A1, B1, b1), fc2 = (A2, B2, b2), each W = A @ B."""
     z, c1 = lowrank_forward(x, *fc1, factored=factored)        # [M, D] -> [M, F]
-    y, c2 = lowrank_forward(gelu(z), *fc2, factored=factored)  # [M, F] -> [M, D]
-    return y, MLPCache(c1, z, c2)
+    a, g = gelu_with_grad(z)
+    y, c2 = lowrank_forward(a, *fc2, factored=factored)        # [M, F] -> [M, D]
+    return y, MLPCache(c1, g, c2)
 
 
 def lowrank_mlp_backward(dout, cache, fc1, fc2):  # [M, D] -> grads of fc1 and fc2 factors
     """Backward of lowrank_mlp_forward: ((dA1, dB1, db1), (dA2, dB2, db2)); no dx (inputs fixed)."""
     da, dA2, dB2, db2 = lowrank_backward(dout, cache.fc2, fc2[0], fc2[1])
-    dz = gelu_backward(da, cache.z)
-    _, dA1, dB1, db1 = lowrank_backward(dz, cache.fc1, fc1[0], fc1[1], need_dx=False)
+    da *= cache.g                                               # dz = da ⊙ GELU'(z), in place
+    _, dA1, dB1, db1 = lowrank_backward(da, cache.fc1, fc1[0], fc1[1], need_dx=False)
     return (dA1, dB1, db1), (dA2, dB2, db2)

@@ -12,7 +12,7 @@ import pytest
 from fips_ref.backend import to_numpy
 from fips_ref.checkpoint import MLPBlock
 from fips_ref.local_stage import block_loss_and_grads, loss_and_grads
-from fips_ref.mlp import (gelu, gelu_backward, lowrank_backward, lowrank_forward,
+from fips_ref.mlp import (gelu, gelu_with_grad, lowrank_backward, lowrank_forward,
                           lowrank_mlp_backward, lowrank_mlp_forward)
 from fips_ref.sharing import build_groups
 
@@ -42,11 +42,14 @@ def _directions(rng, xs, xp, which=None):
 
 # ----------------------------------------------------------------------------- GELU
 def test_gelu_backward(xp):
+    """The derivative gelu_with_grad keeps for the backward is the derivative of gelu."""
     rng = np.random.default_rng(0)
     z = xp.asarray(rng.standard_normal((7, 5)) * 3)
     v, u = xp.asarray(rng.standard_normal((7, 5))), xp.asarray(rng.standard_normal((7, 5)))
     lhs = _dot(v, _fd(lambda a: gelu(a[0]), [z], [u]))
-    _check(lhs, _dot(gelu_backward(v, z), u))
+    a, g = gelu_with_grad(z)
+    _check(lhs, _dot(v * g, u))
+    np.testing.assert_array_equal(to_numpy(a), to_numpy(gelu(z)))
 
 
 def test_gelu_values():
@@ -54,7 +57,7 @@ def test_gelu_values():
     assert gelu(np.array([0.0]))[0] == 0.0
     assert gelu(np.array([1.0]))[0] == pytest.approx(0.8413447460685429, rel=1e-14)
     assert gelu(np.array([-40.0]))[0] == pytest.approx(0.0, abs=1e-300)
-    assert gelu_backward(np.array([1.0]), np.array([0.0]))[0] == pytest.approx(0.5, rel=1e-15)
+    assert gelu_with_grad(np.array([[0.0]]))[1][0, 0] == pytest.approx(0.5, rel=1e-15)
 
 
 # ----------------------------------------------------------------------------- low-rank linear
@@ -215,3 +218,15 @@ def test_loss_is_sum_over_blocks(xp):
                                   inputs, targets, gammas)[0]) for b in (0, 1)]
     assert float(total) == pytest.approx(sum(parts), rel=1e-13)
     assert min(parts) > 0
+
+
+@pytest.mark.parametrize("strategy", ["long", "short"])
+@pytest.mark.parametrize("m", [5, 400])          # factored and materialised products
+def test_factor_gradients_are_contiguous_like_the_parameters(xp, strategy, m):
+    """matmul_like: dU and every dV are C-contiguous like U and V, so the masked AdamW update
+    never walks a transposed view (fc2's factors are the transposed views Vᵀ, Uᵀ)."""
+    rng = np.random.default_rng(9)
+    groups, params, masks, inputs, targets, gammas = _group_problem(rng, xp, strategy, m=m)
+    _, grads = loss_and_grads(params, masks, groups, inputs, targets, gammas)
+    assert all(grads[k].flags.c_contiguous for k in params), \
+        [k for k in params if not grads[k].flags.c_contiguous]
