@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .adamw import adamw_init, adamw_step, cosine_lr, mask_moments
+from .adamw import AdamWState, adamw_init, adamw_step, cosine_lr
 from .backend import get_xp
 from .checkpoint import InputError
 from .mlp import dense_mlp, lowrank_mlp_backward, lowrank_mlp_forward
@@ -137,14 +137,15 @@ def compressed_layers(params, masks, group, block):
 def block_loss_and_grads(h, y_ref, gamma, fc1, fc2):  # h, y_ref [M, D]
     """mean((γ ⊙ (mlp_c(h) − y_ref))²) and its gradients w.r.t. fc1, fc2 factors (fips-spec §4.3)."""
     y, cache = lowrank_mlp_forward(h, fc1, fc2)                  # [M, D]
-    diff = y - y_ref
+    e = y
+    e -= y_ref                                                   # Δy, in place: y is ours
     if gamma is not None:
-        diff *= gamma                                            # e = γ ⊙ Δy
-    loss = (diff * diff).sum() / diff.size
-    dy = diff * (2.0 / diff.size)                                # dL/dy = 2 γ ⊙ e / n
+        e *= gamma                                               # e = γ ⊙ Δy
+    loss = (e * e).sum() / e.size
+    e *= 2.0 / e.size                                            # dL/dy = 2 γ ⊙ e / n
     if gamma is not None:
-        dy *= gamma
-    return loss, lowrank_mlp_backward(dy, cache, fc1, fc2)
+        e *= gamma
+    return loss, lowrank_mlp_backward(e, cache, fc1, fc2)
 
 
 def factor_grads(dA, dB, layer):  # -> (dU [rows, R], dV [R, cols])
@@ -222,6 +223,23 @@ def reference_outputs(dense, block, h):  # [M, D] -> [M, D]
     return dense_mlp(h, W1, b1, W2, b2)
 
 
+def cached_targets(dense, acts, *, xp, dtype, out=None, chunk=64):
+    """Original MLP output of every calibration sample, computed once (the targets never change).
+
+    {block: [N, ..., D]} like ``acts``: new ``xp`` arrays of ``dtype``, or written into ``out``
+    (e.g. calib.DiskArray files for calibration sets that do not fit in memory).
+    """
+    out = {} if out is None else out
+    for b, a in acts.items():
+        if b not in out:
+            out[b] = xp.empty(a.shape, dtype=dtype)
+        for s in range(0, a.shape[0], chunk):
+            idx = np.arange(s, min(s + chunk, a.shape[0]))
+            y = reference_outputs(dense, b, gather(a, idx, xp=xp, dtype=dtype))   # [len·T, D]
+            out[b][s:s + len(idx)] = y.reshape((len(idx),) + a.shape[1:])
+    return out
+
+
 def relative_errors(params, masks, groups, dense, acts, *, xp, dtype, chunk=64):
     """Per block ‖γ⊙(mlp_c − mlp_o)‖² / ‖γ⊙mlp_o‖² over every calibration sample."""
     out = {}
@@ -241,9 +259,37 @@ def relative_errors(params, masks, groups, dense, acts, *, xp, dtype, chunk=64):
     return out
 
 
+# ----------------------------------------------------------------------------- one step
+@dataclass
+class TrainState:
+    """Everything one step changes: parameters, masks, AdamW moments, RigL's gradient sum."""
+    params: dict                   # 'U.{g}' [rows, R]; '{layer}.V' [R, cols]; '{layer}.bias'
+    masks: dict                    # '{layer}.V' -> bool [R, cols]; empty for the dense sparsifier
+    adam: AdamWState
+    rigl_sum: dict = field(default_factory=dict, repr=False)
+    step: int = 0                  # steps taken
+
+
+def local_step(state, cfg, sched, plan, inputs, targets, gammas):
+    """One step of the local stage (fips-spec §4.3): backward → mask update → AdamW → LR.
+
+    ``inputs``, ``targets``: {block: [M, D]} of this step's samples. Updates ``state`` in place
+    and returns (loss, lr used); the loss stays on the backend (no device sync).
+    """
+    state.step += 1
+    loss, grads = loss_and_grads(state.params, state.masks, plan, inputs, targets, gammas)
+    dense_grads = _rigl_gradients(cfg, sched, state.step, grads, state.masks, state.rigl_sum)
+    old_masks = state.masks
+    state.masks = sparsifier_step(cfg, sched, state.step, state.params, old_masks, dense_grads)
+    lr = cosine_lr(state.step - 1, lr=cfg.lr, eta_min=cfg.eta_min, t_max=sched.total_steps)
+    adamw_step(state.params, grads, state.adam, lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+               weight_decay=cfg.weight_decay, grad_masks=old_masks, moment_masks=state.masks)
+    return loss, lr
+
+
 # ----------------------------------------------------------------------------- the run
 def run_local_stage(weights, acts, groups, cfg=FiPSConfig(), *, blocks, batch_order=None,
-                    xp=np, dtype=np.float32, log=None, log_every=10, errors=True):
+                    xp=np, dtype=np.float32, targets="cache", log=None, log_every=10, errors=True):
     """Run the whole local stage of FiPS on in-memory weights and recorded MLP inputs.
 
     Parameters
@@ -253,7 +299,7 @@ def run_local_stage(weights, acts, groups, cfg=FiPSConfig(), *, blocks, batch_or
         ``{prefix}.mlp.fc2.weight`` [D, F], ``.bias`` [D], optional ``{prefix}.ls2.gamma`` [D].
     acts : dict
         ``{block index: array [N, T, D] or [N, D]}``, each block's recorded MLP inputs; batches
-        are drawn from the first axis (NumPy, np.memmap, or backend arrays).
+        are drawn from the first axis (NumPy, calib.DiskArray, or backend arrays).
     groups : list of list of int
         Block indices of each sharing group.
     cfg : FiPSConfig
@@ -262,6 +308,10 @@ def run_local_stage(weights, acts, groups, cfg=FiPSConfig(), *, blocks, batch_or
     batch_order : list of list of index arrays, optional
         Per epoch, the sample indices of each step; replaces the seeded permutations so another
         implementation can be replayed step for step.
+    targets : 'cache', 'recompute' or dict
+        The original MLP outputs: computed once into ``xp`` arrays (default), recomputed from
+        the batch every step (less memory, 4·M·D·F more FLOPs per block and step), or given
+        ``{block: array like acts}`` (see ``cached_targets``).
     log : callable, optional
         ``log(step, total_steps, epoch, loss, sparsity)`` every ``log_every`` steps.
 
@@ -284,39 +334,34 @@ def run_local_stage(weights, acts, groups, cfg=FiPSConfig(), *, blocks, batch_or
     masks = sparsifier_masks(cfg, sched, {k: v for k, v in params.items() if k.endswith(".V")})
     dense = dense_weights(weights, blocks, xp=xp, dtype=dtype)
     gammas = {b: dense[b][4] for b in dense}
+    if targets == "cache":
+        targets = cached_targets(dense, acts, xp=xp, dtype=dtype)
     result = LocalResult(plan, params, masks, sched)
     if errors:
         result.error_init = relative_errors(params, masks, plan, dense, acts, xp=xp, dtype=dtype)
-    state = adamw_init(params)
+    state = TrainState(params, masks, adamw_init(params))
     hist = {"loss": [], "lr": [], "sparsity": []}
-    rigl_sum = {}
     sparsity_now = 1.0 - density(masks) if masks else 0.0
-    step = 0
     for epoch, batches in enumerate(order):
         for idx in batches:
-            step += 1
             inputs = {b: gather(acts[b], idx, xp=xp, dtype=dtype) for b in dense}
-            targets = {b: reference_outputs(dense, b, inputs[b]) for b in dense}
-            loss, grads = loss_and_grads(params, masks, plan, inputs, targets, gammas)
-            dense_grads = _rigl_gradients(cfg, sched, step, grads, masks, rigl_sum)
-            for k, m in masks.items():
-                grads[k] = grads[k] * m                          # gradient to the stored V: ⊙ old mask
-            new_masks = sparsifier_step(cfg, sched, step, params, masks, dense_grads)
-            if new_masks is not masks:
-                masks, sparsity_now = new_masks, 1.0 - density(new_masks)
-            lr = cosine_lr(step - 1, lr=cfg.lr, eta_min=cfg.eta_min, t_max=sched.total_steps)
-            adamw_step(params, grads, state, lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                       weight_decay=cfg.weight_decay)
-            mask_moments(state, masks)
+            if targets == "recompute":
+                y_ref = {b: reference_outputs(dense, b, inputs[b]) for b in dense}
+            else:
+                y_ref = {b: gather(targets[b], idx, xp=xp, dtype=dtype) for b in dense}
+            masks_before = state.masks
+            loss, lr = local_step(state, cfg, sched, plan, inputs, y_ref, gammas)
+            if state.masks is not masks_before:
+                sparsity_now = 1.0 - density(state.masks)
             hist["loss"].append(loss)
             hist["lr"].append(lr)
             hist["sparsity"].append(sparsity_now)
-            if log is not None and (step % log_every == 0 or step == sched.total_steps):
-                log(step, sched.total_steps, epoch, float(loss), hist["sparsity"][-1])
+            if log is not None and (state.step % log_every == 0 or state.step == sched.total_steps):
+                log(state.step, sched.total_steps, epoch, float(loss), sparsity_now)
     hist["loss"] = [float(x) for x in hist["loss"]]                # one sync, at the end
-    result.masks, result.history = masks, hist
+    result.masks, result.history = state.masks, hist
     if errors:
-        result.error_final = relative_errors(params, masks, plan, dense, acts, xp=xp, dtype=dtype)
+        result.error_final = relative_errors(params, state.masks, plan, dense, acts, xp=xp, dtype=dtype)
     result.seconds = time.perf_counter() - t0
     return result
 

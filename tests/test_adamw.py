@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from fips_ref.adamw import adamw_init, adamw_step, cosine_lr, mask_moments
+from fips_ref.adamw import adamw_init, adamw_step, cosine_lr
 from fips_ref.backend import to_numpy
 from fips_ref.checkpoint import MLPBlock
 from fips_ref.local_stage import FiPSConfig, init_factors, run_local_stage
@@ -92,21 +92,36 @@ def test_adamw_init_zero_moments_not_aliasing():
         assert state.m[k] is not state.v[k] and not np.shares_memory(state.m[k], params[k])
 
 
-def test_mask_moments_zeroes_inactive(xp):
+def test_masks_zero_inactive_moments_and_mask_the_gradient(xp):
+    """moment_masks zeroes exactly the inactive moments after the update; grad_masks equals
+    passing g ⊙ M; keys without a mask are dense (fips-spec §5.1)."""
     rng = np.random.default_rng(3)
-    params = {"V": xp.asarray(rng.standard_normal((4, 6))), "b": xp.asarray(rng.standard_normal(6))}
-    state = adamw_init(params)
-    adamw_step(params, {k: xp.asarray(rng.standard_normal(p.shape)) for k, p in params.items()},
-               state, 1e-3)
-    mask = rng.random((4, 6)) < 0.4
-    m_before, v_before = to_numpy(state.m["V"]).copy(), to_numpy(state.v["V"]).copy()
-    b_before = to_numpy(state.m["b"]).copy()
-    mask_moments(state, {"V": xp.asarray(mask)})
-    m, v = to_numpy(state.m["V"]), to_numpy(state.v["V"])
-    assert np.all(m[~mask] == 0) and np.all(v[~mask] == 0)
-    assert np.array_equal(m[mask], m_before[mask]) and np.array_equal(v[mask], v_before[mask])
-    assert np.all(m_before[~mask] != 0)
-    assert np.array_equal(to_numpy(state.m["b"]), b_before)        # unmasked keys untouched
+    params = {"V": rng.standard_normal((40, 6)), "b": rng.standard_normal(6)}
+    grads = [{k: rng.standard_normal(p.shape) for k, p in params.items()} for _ in range(2)]
+    old, new = rng.random((40, 6)) < 0.5, rng.random((40, 6)) < 0.4
+    runs = []
+    for fused in (True, False):
+        p = {k: xp.asarray(v) for k, v in params.items()}
+        state = adamw_init(p)
+        for g in grads:
+            g = {k: xp.asarray(v) for k, v in g.items()}
+            if fused:
+                adamw_step(p, g, state, 1e-3, grad_masks={"V": xp.asarray(old)},
+                           moment_masks={"V": xp.asarray(new)})
+            else:
+                g["V"] = g["V"] * xp.asarray(old)
+                adamw_step(p, g, state, 1e-3)
+                state.m["V"] *= xp.asarray(new)
+                state.v["V"] *= xp.asarray(new)
+        runs.append((p, state))
+    (p1, s1), (p2, s2) = runs
+    for k in params:
+        np.testing.assert_array_equal(to_numpy(p1[k]), to_numpy(p2[k]))
+        np.testing.assert_array_equal(to_numpy(s1.m[k]), to_numpy(s2.m[k]))
+        np.testing.assert_array_equal(to_numpy(s1.v[k]), to_numpy(s2.v[k]))
+    m = to_numpy(s1.m["V"])
+    assert np.all(m[~new] == 0) and np.all(m[new & old] != 0)
+    assert np.all(to_numpy(s1.m["b"]) != 0)
 
 
 def _tiny(rng, d=8, n_blocks=2, n=32, tokens=2):

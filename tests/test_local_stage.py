@@ -9,11 +9,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from fips_ref.adamw import adamw_init, adamw_step, cosine_lr, mask_moments
+from fips_ref.adamw import adamw_init, adamw_step, cosine_lr
 from fips_ref.backend import to_numpy
 from fips_ref.budget import sparse_rank
 from fips_ref.checkpoint import InputError, MLPBlock
-from fips_ref.local_stage import (FiPSConfig, Schedule, _rigl_gradients, dense_weights,
+from fips_ref.local_stage import (FiPSConfig, Schedule, _rigl_gradients, cached_targets, dense_weights,
                                   epoch_batches, gather, init_factors, loss_and_grads,
                                   reference_outputs, relative_errors, resolve_schedule, run_local_stage,
                                   sparsifier_masks, sparsifier_step)
@@ -292,7 +292,9 @@ def _manual_rigl(weights, blocks, acts, cfg, order, grads_for_update):
         adamw_step(params, grads, state, cosine_lr(step - 1, lr=cfg.lr, eta_min=cfg.eta_min,
                                                    t_max=len(order)),
                    eps=cfg.eps, weight_decay=cfg.weight_decay)
-        mask_moments(state, masks)
+        for k, m in masks.items():                              # sparsimony's post-step hook
+            state.m[k] *= m
+            state.v[k] *= m
     return params, masks
 
 
@@ -411,3 +413,35 @@ def test_bad_inputs():
         run_local_stage(weights, {0: acts[0]}, [[0, 1]], _cfg(), blocks=blocks)
     with pytest.raises(InputError, match="sample counts"):
         run_local_stage(weights, {0: acts[0], 1: acts[1][:10]}, [[0, 1]], _cfg(), blocks=blocks)
+
+
+# ----------------------------------------------------------------------------- fast paths
+@pytest.mark.parametrize("sparsifier", ["gmp", "rigl"])
+def test_cached_targets_give_the_recomputed_run(xp, sparsifier):
+    """Targets computed once (default), given explicitly, or recomputed every step: one result."""
+    weights, blocks, acts = _random_model(15)
+    cfg = _cfg(sparsifier=sparsifier, epochs=6, delta_t=3)
+    dense = dense_weights(weights, blocks, xp=xp, dtype=np.float64)
+    given = cached_targets(dense, acts, xp=xp, dtype=np.float64)
+    runs = [_run(weights, acts, [[0, 1]], cfg, blocks, xp=xp, targets=t)
+            for t in ("cache", "recompute", given)]
+    assert runs[0].masks and (sparsifier == "rigl" or
+                              runs[0].history["sparsity"][-1] > runs[0].history["sparsity"][0])
+    for other in runs[1:]:
+        assert set(other.masks) == set(runs[0].masks)
+        assert all(np.array_equal(to_numpy(other.masks[k]), to_numpy(runs[0].masks[k]))
+                   for k in other.masks)
+        for k in runs[0].params:
+            np.testing.assert_allclose(to_numpy(other.params[k]), to_numpy(runs[0].params[k]),
+                                       rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(other.history["loss"], runs[0].history["loss"], rtol=1e-10)
+
+
+def test_cached_targets_are_the_original_mlp_outputs():
+    weights, blocks, acts = _random_model(16, n=70)       # 70: not a multiple of the chunk
+    dense = dense_weights(weights, blocks, xp=np, dtype=np.float64)
+    got = cached_targets(dense, acts, xp=np, dtype=np.float64, chunk=64)
+    for b, a in acts.items():
+        want = reference_outputs(dense, b, a.reshape(-1, D).astype(np.float64))
+        assert got[b].shape == a.shape
+        np.testing.assert_allclose(got[b].reshape(-1, D), want, rtol=1e-12, atol=1e-12)
