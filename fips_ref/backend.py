@@ -66,48 +66,38 @@ def to_numpy(x):
 
 # ----------------------------------------------------------------------------- Φ, the normal CDF
 # Minimax fit of Q(u) = Φ(−u) ≈ exp(−u²/2) · Σ_k c_k t^(k+1), t = 1/(1 + p·u), u ≥ 0: max error
-# 2.1e-9 (fit in docs/derivations.md). Only NumPy float32 uses it: scipy's float32 ndtr/erf is a
+# 4.9e-9 (fit in docs/derivations.md). Only NumPy float32 uses it: scipy's float32 ndtr/erf is a
 # scalar loop (12 ns per element, more than the GEMMs spend on an element of the MLP's hidden
-# activations); this one runs in float64 over cache-sized slabs and rounds once to float32, so its
-# error (≤ 0.5 ulp + 2.1e-9) matches scipy's float32 result.
-_NDTR_P = 0.45
-_NDTR_C = (0.17727158795965173, 0.2054011009313903, 0.01813578324773328, 0.39364037242301764,
-           -0.4740422672469226, 0.2174473933283878, -0.03785397275936288)
+# activations); this one is a few vectorised float64 passes over a cache-sized slab, rounded once
+# to float32, so its error (≤ ½ ulp + 4.9e-9) matches scipy's float32 result.
+_NDTR_P = 0.275
+_NDTR_C = (0.11780924903732229, 0.04211150644351869, 0.3339322341633153, -0.33099334419735926,
+           0.45199868609007254, -0.11485832681835517)
 SLAB_ELEMENTS = 1 << 14      # elements per slab of NumPy element-wise work (128 KB of float64)
 
 
-def normal_cdf(z):
-    """Φ(z) = ½(1 + erf(z/√2)) element-wise, same dtype; exact (scipy/cupyx) except NumPy float32."""
-    return normal_cdf_pdf(z, pdf=False)[0]
+def normal_cdf_pdf(z):  # [...] -> ([...], [...])
+    """Φ(z) and φ(z) = exp(−z²/2)/√(2π) element-wise, in z's dtype, for one slab of work.
 
-
-def normal_cdf_pdf(z, pdf=True):
-    """(Φ(z), φ(z) = exp(−z²/2)/√(2π)) element-wise, same dtype as z (φ None when pdf=False)."""
+    Exact (scipy / cupyx ``ndtr``), except NumPy float32: the minimax formula above, in float64,
+    rounded once to float32 (the array should be slab-sized: see row_slabs).
+    """
     xp = get_xp(z)
-    if xp is not np or z.dtype != np.float32:
-        if xp is np:
-            cdf = scipy.special.ndtr(z)
-        else:
-            import cupyx.scipy.special
-            cdf = cupyx.scipy.special.ndtr(z)
-        return cdf, (xp.exp(-0.5 * z * z) * INV_SQRT_2PI if pdf else None)
-    cdf = np.empty(z.shape, np.float32)           # C order, so reshape(-1) below is a view
-    dens = np.empty(z.shape, np.float32) if pdf else None
-    flat = z.reshape(-1)
-    for s in range(0, flat.size, SLAB_ELEMENTS):
-        c, d = _ndtr_minimax(flat[s:s + SLAB_ELEMENTS].astype(np.float64))
-        cdf.reshape(-1)[s:s + SLAB_ELEMENTS] = c
-        if pdf:
-            dens.reshape(-1)[s:s + SLAB_ELEMENTS] = d
-    return cdf, dens
+    if xp is np and z.dtype == np.float32:
+        return tuple(r.astype(np.float32) for r in _ndtr_minimax(z.astype(np.float64)))
+    if xp is np:
+        cdf = scipy.special.ndtr(z)
+    else:
+        import cupyx.scipy.special
+        cdf = cupyx.scipy.special.ndtr(z)
+    return cdf, xp.exp(-0.5 * z * z) * INV_SQRT_2PI
 
 
-def _ndtr_minimax(z):  # float64 [n] -> (Φ [n], φ [n]) float64
+def _ndtr_minimax(z):  # float64 [...] -> (float64 [...], float64 [...])
     """Φ(z) = ½ + sign(z)·(½ − Q(|z|)) with the minimax Q above, and φ(z) from the same exp."""
     t = np.abs(z)
-    t *= _NDTR_P
-    t += 1.0
-    np.divide(1.0, t, out=t)                       # t = 1 / (1 + p|z|)
+    t += 1.0 / _NDTR_P
+    np.divide(1.0 / _NDTR_P, t, out=t)             # t = 1 / (1 + p|z|)
     q = t * _NDTR_C[-1]
     for c in _NDTR_C[-2::-1]:                      # Horner: q = Σ c_k t^(k+1)
         q += c

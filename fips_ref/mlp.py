@@ -9,13 +9,18 @@ Derivations: docs/derivations.md.
 """
 from typing import NamedTuple
 
-from .backend import get_xp, normal_cdf, normal_cdf_pdf, row_slabs
+from .backend import get_xp, normal_cdf_pdf, row_slabs
 
 
 # ----------------------------------------------------------------------------- GELU (exact erf)
 def gelu(z):  # [..., F] -> [..., F]
     """Exact GELU, z·Φ(z) = ½ z (1 + erf(z/√2)), as torch.nn.GELU() (timm default)."""
-    return z * normal_cdf(z)
+    xp = get_xp(z)
+    a = xp.empty(z.shape, z.dtype)
+    z2, a2 = z.reshape(-1, z.shape[-1]), a.reshape(-1, z.shape[-1])    # [..., F] -> [M, F]
+    for s in row_slabs(z2.shape[0], z2.shape[1], xp):
+        xp.multiply(z2[s], normal_cdf_pdf(z2[s])[0], out=a2[s])
+    return a
 
 
 def gelu_with_grad(z):  # [M, F] -> ([M, F], [M, F])
@@ -28,10 +33,9 @@ def gelu_with_grad(z):  # [M, F] -> ([M, F], [M, F])
     for s in row_slabs(z.shape[0], z.shape[1], xp):
         zs = z[s]
         cdf, pdf = normal_cdf_pdf(zs)
-        a[s] = zs * cdf
+        xp.multiply(zs, cdf, out=a[s])                 # GELU(z) = z Φ(z)
         pdf *= zs
-        pdf += cdf
-        g[s] = pdf                             # Φ(z) + z φ(z)
+        xp.add(pdf, cdf, out=g[s])                     # GELU'(z) = Φ(z) + z φ(z)
     return a, g
 
 
@@ -100,7 +104,11 @@ class MLPCache(NamedTuple):
 
 def dense_mlp(x, W1, b1, W2, b2):  # [M, D] -> [M, D]
     """Original timm Mlp: fc2(GELU(fc1(x))) with W1 [D, F], W2 [F, D] in math layout."""
-    return gelu(x @ W1 + b1) @ W2 + b2
+    z = x @ W1                         # [M, D] -> [M, F]
+    z += b1
+    y = gelu(z) @ W2                   # [M, F] -> [M, D]
+    y += b2
+    return y
 
 
 def lowrank_mlp_forward(x, fc1, fc2, factored=None):  # [M, D] -> [M, D]
