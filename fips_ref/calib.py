@@ -3,16 +3,19 @@
 Three sources, in the order the CLI prefers them:
   --calib-acts FILE.npz   recorded inputs under ``mlp_in.{i}`` ([M, D] or [N, T, D]);
   --calib DIR             images run through the model's forward (fips_ref.models), streamed
-                          into memory or, past --max-memory, into float16 memory-mapped .npy files;
+                          into memory or, past --max-memory, into float16 .npy files read back
+                          a batch at a time (DiskArray);
   neither                 synthetic inputs h = γ·z + β from each block's norm2 affine, z ~ N(0, I).
 """
 import os
-import sys
+import shutil
+import struct
 import tempfile
+import zipfile
 
 import numpy as np
 
-from .checkpoint import InputError, load_npz, save_npz_atomic
+from .checkpoint import InputError, load_npz, write_atomic
 
 
 def acts_key(i):
@@ -20,9 +23,19 @@ def acts_key(i):
     return f"mlp_in.{i}"
 
 
-def load_calib_acts(path, blocks):
-    """{block index: float array [M, D] or [N, T, D]} from an activations .npz, fully validated."""
-    arrays = load_npz(path, "activations file")
+def load_calib_acts(path, blocks, max_bytes=None):
+    """{block index: float array [M, D] or [N, T, D]} from an activations .npz, fully validated.
+
+    Arrays are read into memory, except when their float32 size exceeds ``max_bytes``: then every
+    member stored uncompressed (np.savez, --save-acts) is read from the file a batch at a time
+    (DiskArray); compressed members are always read whole.
+    """
+    arrays = _npz_members(path) if max_bytes is not None else None
+    lazy = arrays is not None and sum(a.size for a in arrays.values()) * 4 > max_bytes
+    if not lazy:
+        for a in (arrays or {}).values():
+            a.close()
+        arrays = load_npz(path, "activations file")
     acts = {}
     for b in blocks:
         key = acts_key(b.index)
@@ -32,12 +45,35 @@ def load_calib_acts(path, blocks):
         if a.ndim not in (2, 3) or a.shape[-1] != b.d or a.dtype.kind != "f":
             raise InputError(f"{path}: key {key!r} has shape {a.shape} and dtype {a.dtype}; "
                              f"expected floats [M, {b.d}] or [N, T, {b.d}]")
-        if not np.isfinite(a).all():
+        if not all_finite(a):
             raise InputError(f"{path}: key {key!r} contains NaN or Inf")
         acts[b.index] = a
     if len({a.shape[0] for a in acts.values()}) > 1:
         raise InputError(f"{path}: blocks have different sample counts")
     return acts
+
+
+def _npz_members(path):
+    """{key: DiskArray} over the uncompressed members of an .npz, or None if any is compressed."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (OSError, zipfile.BadZipFile):
+        return None                                  # load_npz reports it
+    if any(i.compress_type != zipfile.ZIP_STORED or not i.filename.endswith(".npy") for i in infos):
+        return None
+    out = {}
+    with open(path, "rb") as f:
+        for i in infos:                              # data follow the 30-byte local header
+            f.seek(i.header_offset + 26)
+            name_len, extra_len = struct.unpack("<HH", f.read(4))
+            out[i.filename[:-4]] = DiskArray(path, offset=i.header_offset + 30 + name_len + extra_len)
+    return out
+
+
+def all_finite(a, chunk=256):
+    """No NaN or Inf in a (checked ``chunk`` rows at a time, so DiskArrays stay on disk)."""
+    return all(np.isfinite(a[s:s + chunk]).all() for s in range(0, a.shape[0], chunk))
 
 
 def synthetic_acts(ckpt, blocks, *, samples, tokens, seed):
@@ -52,53 +88,132 @@ def synthetic_acts(ckpt, blocks, *, samples, tokens, seed):
     return acts
 
 
-def save_acts(path, acts):
-    """Write {block: [N, T, D]} as an activations .npz (``mlp_in.{i}``), atomically."""
-    save_npz_atomic(path, {acts_key(i): np.asarray(a) for i, a in acts.items()})
+def save_acts(path, acts, chunk=256):
+    """Write {block: [N, T, D]} as an uncompressed activations .npz (``mlp_in.{i}``), atomically,
+    ``chunk`` rows at a time (DiskArrays are never read whole)."""
+    def write(f):
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+            for i, a in acts.items():
+                with z.open(acts_key(i) + ".npy", "w", force_zip64=True) as m:
+                    np.lib.format.write_array_header_2_0(m, _header(a.shape, a.dtype))
+                    for s in range(0, a.shape[0], chunk):
+                        m.write(np.ascontiguousarray(a[s:s + chunk]).tobytes())
+    write_atomic(path, write)
+
+
+def _header(shape, dtype):
+    return {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+            "shape": tuple(shape)}
+
+
+class DiskArray:
+    """An array in a .npy file (or an uncompressed .npz member), read and written by rows.
+
+    ``a[idx]`` (an index array, list or slice of the first axis) reads those rows into a new
+    array; ``a[start:stop] = rows`` writes them. Unlike np.memmap, nothing stays mapped, so the
+    process holds only the rows in hand; the file's pages are the kernel's page cache.
+    """
+
+    def __init__(self, path, offset=0, rows=None, writable=False):
+        self.path, self.offset = os.fspath(path), offset
+        self._f = open(self.path, "r+b" if writable else "rb", buffering=0)
+        self._f.seek(offset)
+        try:
+            version = np.lib.format.read_magic(self._f)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read(self._f)
+        except ValueError as e:
+            raise InputError(f"{self.path}: not a .npy array ({e})") from None
+        if fortran or dtype.hasobject or not shape:
+            raise InputError(f"{self.path}: expected a C-ordered numeric array with rows")
+        self.data_offset = self._f.tell()
+        self.shape = (shape[0] if rows is None else min(rows, shape[0]),) + tuple(shape[1:])
+        self.dtype = dtype
+        self.ndim = len(self.shape)
+        self.size = int(np.prod(self.shape, dtype=np.int64))
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * dtype.itemsize
+
+    @classmethod
+    def create(cls, path, shape, dtype):
+        """A new .npy file of ``shape`` and ``dtype`` (contents undefined until written)."""
+        with open(path, "wb") as f:
+            np.lib.format.write_array_header_2_0(f, _header(shape, dtype))
+            f.truncate(f.tell() + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
+        return cls(path, writable=True)
+
+    def head(self, n):
+        """The first n rows, as a read-only DiskArray over the same file."""
+        return DiskArray(self.path, offset=self.offset, rows=n)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, idx):  # rows -> [len(idx), ...]
+        if isinstance(idx, slice):
+            idx = range(*idx.indices(self.shape[0]))
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.shape[0]):
+            raise IndexError(f"{self.path}: row index out of range 0..{self.shape[0] - 1}")
+        out = np.empty((idx.size,) + self.shape[1:], self.dtype)
+        buf = memoryview(out.reshape(-1).view(np.uint8))
+        j = 0
+        while j < idx.size:                          # one read per run of consecutive rows
+            k = j + 1
+            while k < idx.size and idx[k] == idx[k - 1] + 1:
+                k += 1
+            self._f.seek(self.data_offset + int(idx[j]) * self.row_bytes)
+            want = (k - j) * self.row_bytes
+            if self._f.readinto(buf[j * self.row_bytes:k * self.row_bytes]) != want:
+                raise InputError(f"{self.path}: file is truncated")
+            j = k
+        return out
+
+    def __setitem__(self, idx, rows):
+        start, stop, step = idx.indices(self.shape[0])
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        if step != 1 or rows.shape != (stop - start,) + self.shape[1:]:
+            raise ValueError(f"DiskArray: cannot write rows of shape {rows.shape} to [{start}:{stop}]")
+        self._f.seek(self.data_offset + start * self.row_bytes)
+        self._f.write(rows.tobytes())
+
+    def close(self):
+        self._f.close()
 
 
 class ActivationStore:
-    """Receives MLP inputs batch by batch; keeps them in RAM (float32) or on disk (float16 memmap).
+    """Receives MLP inputs batch by batch; keeps them in RAM (float32) or on disk (float16).
 
-    ``mode`` is 'memory' when ``n·T·D·4`` bytes summed over blocks fit in ``max_bytes``,
-    otherwise 'disk': one ``np.lib.format.open_memmap`` .npy per block in ``folder``.
+    ``mode`` is 'memory' when the activations *and* the targets the local stage caches next to
+    them (2 · N·T·D·4 bytes summed over blocks) fit in ``max_bytes``, otherwise 'disk': one
+    float16 DiskArray per block in a new folder under ``folder`` (the local stage then
+    recomputes the targets every step instead of caching them).
     """
 
     def __init__(self, shapes, max_bytes, folder=None):
         total = sum(int(np.prod(s)) * 4 for s in shapes.values())
-        self.mode = "memory" if total <= max_bytes else "disk"
+        self.mode = "memory" if 2 * total <= max_bytes else "disk"
         self.folder = None
         if self.mode == "memory":
             self.arrays = {i: np.empty(s, np.float32) for i, s in shapes.items()}
         else:
             self.folder = tempfile.mkdtemp(prefix="fips-acts-", dir=folder)
-            self.arrays = {i: np.lib.format.open_memmap(os.path.join(self.folder, f"mlp_in.{i}.npy"),
-                                                        mode="w+", dtype=np.float16, shape=s)
-                           for i, s in shapes.items()}
+            self.arrays = {i: DiskArray.create(os.path.join(self.folder, f"{acts_key(i)}.npy"), s,
+                                               np.float16) for i, s in shapes.items()}
         self.total_bytes = total if self.mode == "memory" else total // 2
 
     def __call__(self, block, start, h):  # h [b, T, D]
         """Callback for models.forward(on_mlp_input=...)."""
         self.arrays[block][start:start + h.shape[0]] = h
 
-    def finish(self):
-        """Flush disk arrays and reopen them read-only; returns {block: array}."""
-        if self.mode == "memory":
-            return self.arrays
-        for a in self.arrays.values():
-            a.flush()
-        return {i: np.load(os.path.join(self.folder, f"mlp_in.{i}.npy"), mmap_mode="r")
-                for i in self.arrays}
+    def finish(self, n):
+        """The first n samples of every block: {block: array or DiskArray}."""
+        return {i: a[:n] if self.mode == "memory" else a.head(n) for i, a in self.arrays.items()}
 
     def cleanup(self):
         """Delete the disk files (if any)."""
         if self.folder:
-            for name in os.listdir(self.folder):
-                os.unlink(os.path.join(self.folder, name))
-            os.rmdir(self.folder)
+            for a in self.arrays.values():
+                a.close()
+            shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = None
-
-
-def warn(msg):
-    """One line on stderr."""
-    print(msg, file=sys.stderr)

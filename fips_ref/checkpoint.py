@@ -159,15 +159,16 @@ def _check_no_stray_mlp_keys(ckpt, blocks):
 
 def save_npz_atomic(path, arrays):
     """Write ``arrays`` to ``path`` via a temporary file in the same folder, then rename."""
-    _write_atomic(path, lambda f: np.savez(f, **arrays))
+    write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
 def save_json_atomic(path, obj):
     """Write ``obj`` as indented JSON to ``path`` atomically."""
-    _write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode() + b"\n"))
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode() + b"\n"))
 
 
-def _write_atomic(path, write):
+def write_atomic(path, write):
+    """Call ``write(f)`` on a temporary file in ``path``'s folder, then rename it to ``path``."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)

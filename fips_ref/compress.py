@@ -17,7 +17,7 @@ import numpy as np
 from . import __version__
 from .backend import BackendError, device_name, load_backend, peak_device_bytes
 from .budget import storage_bits
-from .calib import ActivationStore, load_calib_acts, save_acts, synthetic_acts
+from .calib import ActivationStore, DiskArray, load_calib_acts, save_acts, synthetic_acts
 from .checkpoint import InputError, find_mlp_blocks, json_entry, load_checkpoint, save_json_atomic, save_npz_atomic
 from .codec import encode
 from .local_stage import FiPSConfig, config_dict, run_local_stage
@@ -82,7 +82,9 @@ def build_parser():
                     help="skip calibration images Pillow cannot read (a warning each) instead of failing")
     io.add_argument("--save-acts", help="keep the recorded MLP inputs in this .npz for --calib-acts")
     io.add_argument("--max-memory", type=ranged(0, 1e6), default=4.0,
-                    help="GiB of recorded activations kept in RAM; above, float16 memmap on disk")
+                    help="GiB of calibration activations (and the targets cached with them) kept in "
+                         "RAM; above, they stay on disk as float16 .npy / uncompressed .npz, read "
+                         "a batch at a time, and the targets are recomputed")
     io.add_argument("--synthetic-samples", type=POSITIVE_INT, default=256,
                     help="samples per block synthesised from norm2 when no calibration data is given")
     io.add_argument("--eval-data", help="images+labels .npz or labelled folder: accuracy before/after")
@@ -163,9 +165,10 @@ def token_count(config):
 def calibration(args, ckpt, blocks, xp, log):
     """(acts, description, store or None) from --calib-acts, --calib or synthesis."""
     if args.calib_acts:
-        acts = load_calib_acts(args.calib_acts, blocks)
+        acts = load_calib_acts(args.calib_acts, blocks, max_bytes=int(args.max_memory * 2**30))
         if args.calib_images:
-            acts = {i: a[:args.calib_images] for i, a in acts.items()}
+            n = args.calib_images
+            acts = {i: a.head(n) if isinstance(a, DiskArray) else a[:n] for i, a in acts.items()}
         return acts, {"source": "activations", "path": args.calib_acts}, None
     if args.calib:
         return record_from_images(args, ckpt, blocks, xp, log)
@@ -200,7 +203,7 @@ def record_from_images(args, ckpt, blocks, xp, log):
     for x in itertools.chain([first], (x for x, _ in batches)):
         forward(ckpt, x, xp=xp, on_mlp_input=lambda b, s, h, n=n: store(b, n + s, h))
         n += x.shape[0]
-    acts = {i: a[:n] for i, a in store.finish().items()}
+    acts = store.finish(n)
     return acts, {"source": "images", "path": args.calib, "images": n, "storage": store.mode,
                   "augment": bool(args.calib_augment)}, store
 
@@ -281,8 +284,10 @@ def run(args, log):
             save_acts(args.save_acts, acts)
         step_log = None if args.quiet else (lambda s, n, e, loss, sp: log(
             f"epoch {e + 1} step {s}/{n} loss {loss:.4e} sparsity {sp:.4f}"))
+        on_disk = any(isinstance(a, DiskArray) for a in acts.values())
+        calib["targets"] = "recomputed every step" if on_disk else "cached in memory"
         result = run_local_stage(ckpt.tensors, acts, groups, cfg, blocks=blocks, xp=xp, dtype=dtype,
-                                 log=step_log, log_every=10)
+                                 targets="recompute" if on_disk else "cache", log=step_log, log_every=10)
     finally:
         if store is not None:
             store.cleanup()

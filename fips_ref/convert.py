@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 
-from .checkpoint import InputError, _write_atomic, json_entry, load_checkpoint, save_npz_atomic
+from .checkpoint import InputError, json_entry, load_checkpoint, save_npz_atomic, write_atomic
 from .timm_configs import expected_shapes, is_dropped_buffer, timm_config
 
 # safetensors dtype -> little-endian NumPy dtype it is read as (BF16 as raw uint16).
@@ -130,7 +130,7 @@ def write_safetensors(path, tensors, metadata=None):
         for key in sorted(tensors):
             f.write(tensors[key].tobytes())
 
-    _write_atomic(path, write)
+    write_atomic(path, write)
 
 
 def load_torch_state(path):

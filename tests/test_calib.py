@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fips_ref.calib import ActivationStore, load_calib_acts
-from fips_ref.checkpoint import find_mlp_blocks
+from fips_ref.calib import ActivationStore, DiskArray, load_calib_acts, save_acts
+from fips_ref.checkpoint import InputError, find_mlp_blocks
+from fips_ref.local_stage import FiPSConfig, run_local_stage
 from fips_ref.compress import main
 from fips_ref.images import IMAGENET_MEAN, IMAGENET_STD, list_images, load_images
 from fips_ref.models import forward
@@ -65,11 +66,13 @@ def test_activation_store_modes(tmp_path):
         store(0, 0, h[:2])
         store(0, 2, h[2:])
         store(1, 0, h)
-        out = store.finish()
-        assert store.mode == mode
-        np.testing.assert_array_equal(out[0], h)
+        out = store.finish(3)
+        assert store.mode == mode and out[0].shape == (3, 3, 2)
+        np.testing.assert_array_equal(out[0][0:3], h[:3])
+        assert isinstance(out[0], DiskArray) == (mode == "disk")
         assert out[0].dtype == (np.float32 if mode == "memory" else np.float16)
         store.cleanup()
+        assert store.folder is None
 
 
 def test_unreadable_calibration_image(tmp_path, image_folder, capsys):
@@ -83,3 +86,68 @@ def test_unreadable_calibration_image(tmp_path, image_folder, capsys):
     assert not (tmp_path / "c.npz").exists()
     assert main(args + FAST + ["--skip-bad-images"]) == 0
     assert "broken.png" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- DiskArray
+def test_disk_array_reads_any_rows_in_order(tmp_path):
+    a = np.random.default_rng(0).standard_normal((50, 3, 4)).astype(np.float32)
+    d = DiskArray.create(tmp_path / "a.npy", a.shape, np.float32)
+    d[0:20] = a[:20]
+    d[20:50] = a[20:]
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), a)      # an ordinary .npy file
+    for idx in ([3, 4, 5, 9, 2, 2, 49, 0], np.arange(50)[::-1], [], slice(10, 40)):
+        np.testing.assert_array_equal(d[idx], a[idx])
+    np.testing.assert_array_equal(d.head(7)[:], a[:7])
+    assert d.head(7).shape == (7, 3, 4) and len(d) == 50
+    with pytest.raises(IndexError):
+        d[[50]]
+    with pytest.raises(ValueError):
+        d[0:2] = a[:3]
+
+
+def test_disk_array_refuses_truncated_and_foreign_files(tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros((10, 4), np.float32))
+    raw = (tmp_path / "a.npy").read_bytes()
+    (tmp_path / "a.npy").write_bytes(raw[:-20])
+    d = DiskArray(tmp_path / "a.npy")
+    with pytest.raises(InputError, match="truncated"):
+        d[[9]]
+    (tmp_path / "b.npy").write_bytes(b"hello world, not numpy")
+    with pytest.raises(InputError, match="not a .npy"):
+        DiskArray(tmp_path / "b.npy")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_save_acts_streams_and_large_files_stay_on_disk(tmp_path, dtype):
+    """save_acts writes an ordinary .npz; load_calib_acts reads it whole under --max-memory and
+    as DiskArrays over its members above it, with the same values either way."""
+    ckpt = make_vit_checkpoint(tmp_path / "vit.npz", depth=2, img_size=8, patch_size=4)
+    blocks = find_mlp_blocks(ckpt)
+    rng = np.random.default_rng(1)
+    acts = {b.index: rng.standard_normal((300, 5, b.d)).astype(dtype) for b in blocks}
+    save_acts(tmp_path / "acts.npz", acts, chunk=64)
+    with np.load(tmp_path / "acts.npz") as z:
+        assert all(np.array_equal(z[f"mlp_in.{i}"], a) for i, a in acts.items())
+    whole = load_calib_acts(tmp_path / "acts.npz", blocks, max_bytes=10**9)
+    lazy = load_calib_acts(tmp_path / "acts.npz", blocks, max_bytes=1000)
+    for i, a in acts.items():
+        assert isinstance(whole[i], np.ndarray) and isinstance(lazy[i], DiskArray)
+        idx = rng.permutation(300)[:17]
+        np.testing.assert_array_equal(lazy[i][idx], a[idx])
+        np.testing.assert_array_equal(whole[i], a)
+
+
+def test_disk_backed_acts_give_the_in_memory_run(tmp_path):
+    """The local stage on DiskArray activations (targets recomputed) equals the in-memory run."""
+    ckpt = make_vit_checkpoint(tmp_path / "vit.npz", depth=2, img_size=8, patch_size=4)
+    blocks = find_mlp_blocks(ckpt)
+    rng = np.random.default_rng(2)
+    acts = {b.index: rng.standard_normal((40, 5, b.d)).astype(np.float32) for b in blocks}
+    save_acts(tmp_path / "acts.npz", acts)
+    on_disk = load_calib_acts(tmp_path / "acts.npz", blocks, max_bytes=0)
+    cfg = FiPSConfig(epochs=3, batch_size=8, lr=1e-2)
+    runs = [run_local_stage(ckpt.tensors, a, [[0], [1]], cfg, blocks=blocks, dtype=np.float64,
+                            targets=t) for a, t in ((acts, "cache"), (on_disk, "recompute"))]
+    for k in runs[0].params:
+        np.testing.assert_allclose(runs[1].params[k], runs[0].params[k], rtol=1e-10, atol=1e-12)
+    assert runs[1].error_final == pytest.approx(runs[0].error_final, rel=1e-10)
