@@ -26,12 +26,13 @@ def acts_key(i):
 def load_calib_acts(path, blocks, max_bytes=None):
     """{block index: float array [M, D] or [N, T, D]} from an activations .npz, fully validated.
 
-    Arrays are read into memory, except when their float32 size exceeds ``max_bytes``: then every
-    member stored uncompressed (np.savez, --save-acts) is read from the file a batch at a time
-    (DiskArray); compressed members are always read whole.
+    Arrays are read into memory, except when they and the targets cached next to them (twice
+    their float32 size, as ActivationStore counts) exceed ``max_bytes``: then the members stored
+    uncompressed (np.savez, --save-acts) are read from the file a batch at a time (DiskArray);
+    compressed members are always read whole.
     """
     arrays = _npz_members(path) if max_bytes is not None else None
-    lazy = arrays is not None and sum(a.size for a in arrays.values()) * 4 > max_bytes
+    lazy = arrays is not None and 2 * 4 * sum(a.size for a in arrays.values()) > max_bytes
     if not lazy:
         for a in (arrays or {}).values():
             a.close()

@@ -240,8 +240,11 @@ def cached_targets(dense, acts, *, xp, dtype, out=None, chunk=64):
     return out
 
 
-def relative_errors(params, masks, groups, dense, acts, *, xp, dtype, chunk=64):
-    """Per block ‖γ⊙(mlp_c − mlp_o)‖² / ‖γ⊙mlp_o‖² over every calibration sample."""
+def relative_errors(params, masks, groups, dense, acts, *, xp, dtype, targets=None, chunk=64):
+    """Per block ‖γ⊙(mlp_c − mlp_o)‖² / ‖γ⊙mlp_o‖² over every calibration sample.
+
+    mlp_o comes from ``targets`` (cached_targets) when given, else it is recomputed.
+    """
     out = {}
     for g in groups:
         for b in g.blocks:
@@ -249,8 +252,10 @@ def relative_errors(params, masks, groups, dense, acts, *, xp, dtype, chunk=64):
             gamma = dense[b][4]
             num = den = 0.0
             for s in range(0, acts[b].shape[0], chunk):
-                h = gather(acts[b], np.arange(s, min(s + chunk, acts[b].shape[0])), xp=xp, dtype=dtype)
-                y_ref = reference_outputs(dense, b, h)
+                idx = np.arange(s, min(s + chunk, acts[b].shape[0]))
+                h = gather(acts[b], idx, xp=xp, dtype=dtype)
+                y_ref = (reference_outputs(dense, b, h) if targets is None
+                         else gather(targets[b], idx, xp=xp, dtype=dtype))
                 diff = lowrank_mlp_forward(h, fc1, fc2)[0] - y_ref
                 if gamma is not None:
                     diff, y_ref = diff * gamma, y_ref * gamma
@@ -336,9 +341,13 @@ def run_local_stage(weights, acts, groups, cfg=FiPSConfig(), *, blocks, batch_or
     gammas = {b: dense[b][4] for b in dense}
     if targets == "cache":
         targets = cached_targets(dense, acts, xp=xp, dtype=dtype)
+    elif targets != "recompute" and not isinstance(targets, dict):
+        raise ValueError(f"targets must be 'cache', 'recompute' or a dict, got {targets!r}")
+    cached = targets if isinstance(targets, dict) else None
     result = LocalResult(plan, params, masks, sched)
     if errors:
-        result.error_init = relative_errors(params, masks, plan, dense, acts, xp=xp, dtype=dtype)
+        result.error_init = relative_errors(params, masks, plan, dense, acts, xp=xp, dtype=dtype,
+                                            targets=cached)
     state = TrainState(params, masks, adamw_init(params))
     hist = {"loss": [], "lr": [], "sparsity": []}
     sparsity_now = 1.0 - density(masks) if masks else 0.0
@@ -361,7 +370,8 @@ def run_local_stage(weights, acts, groups, cfg=FiPSConfig(), *, blocks, batch_or
     hist["loss"] = [float(x) for x in hist["loss"]]                # one sync, at the end
     result.masks, result.history = state.masks, hist
     if errors:
-        result.error_final = relative_errors(params, state.masks, plan, dense, acts, xp=xp, dtype=dtype)
+        result.error_final = relative_errors(params, state.masks, plan, dense, acts, xp=xp,
+                                             dtype=dtype, targets=cached)
     result.seconds = time.perf_counter() - t0
     return result
 
