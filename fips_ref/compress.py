@@ -73,8 +73,9 @@ def build_parser():
     io = p.add_argument_group("files")
     io.add_argument("--out", help="compressed .npz (default: beside the input, NAME.fips.npz)")
     io.add_argument("--report", help="write a JSON report here")
-    io.add_argument("--calib-acts", help="recorded MLP inputs, keys mlp_in.{i}, [M, D] or [N, T, D]")
-    io.add_argument("--calib", help="folder of calibration images, recorded through the model's forward")
+    src = io.add_mutually_exclusive_group()
+    src.add_argument("--calib-acts", help="recorded MLP inputs, keys mlp_in.{i}, [M, D] or [N, T, D]")
+    src.add_argument("--calib", help="folder of calibration images, recorded through the model's forward")
     io.add_argument("--calib-images", type=POSITIVE_INT, help="use at most this many calibration images")
     io.add_argument("--calib-augment", action="store_true",
                     help="authors' training augmentation for calibration images (fips-spec §4.1)")
@@ -182,27 +183,36 @@ def calibration(args, ckpt, blocks, xp, log):
 def record_from_images(args, ckpt, blocks, xp, log):
     """Stream calibration images through the model; every block's MLP input goes into a store."""
     from .images import IMAGENET_MEAN, IMAGENET_STD, iter_image_batches, list_images
-    from .models import forward
+    from .models import forward_model, prepare_model
     paths, _ = list_images(args.calib)
     rng = np.random.default_rng(args.seed)
     if args.calib_images and args.calib_images < len(paths):     # a seeded random subset
         paths = [paths[i] for i in np.sort(rng.choice(len(paths), args.calib_images, replace=False))]
-    cfg = ckpt.config
-    size = cfg.get("img_size", 224)
-    kw = dict(size=size if isinstance(size, int) else size[0], train=args.calib_augment, rng=rng,
-              skip_bad=args.skip_bad_images, in_chans=cfg.get("in_chans", 3),
-              mean=cfg.get("mean", IMAGENET_MEAN), std=cfg.get("std", IMAGENET_STD))
+    model = prepare_model(ckpt, dtype=np.dtype(args.dtype).type, xp=xp)       # validates the config
+    (h, w), cfg = model.cfg.img_size, ckpt.config
+    if h != w:
+        raise InputError(f"--calib: the model takes {h}x{w} images; only square sizes are supported")
+    kw = dict(size=h, train=args.calib_augment, rng=rng, skip_bad=args.skip_bad_images,
+              in_chans=model.cfg.in_chans, mean=cfg.get("mean", IMAGENET_MEAN),
+              std=cfg.get("std", IMAGENET_STD))
     batches = iter_image_batches(paths, args.batch_size, **kw)
-    first, _ = next(batches)
-    probe = forward(ckpt, first[:1], record_mlp_inputs=True, xp=xp)[1]
+    first = next(batches, None)
+    if first is None:
+        raise InputError(f"--calib {args.calib}: no readable calibration images")
+    probe = forward_model(model, first[0][:1], record_mlp_inputs=True)[1]
     store = ActivationStore({i: (len(paths),) + a.shape[1:] for i, a in probe.items()},
                             int(args.max_memory * 2**30), folder=os.path.dirname(os.path.abspath(args.out)))
     log(f"recording MLP inputs of {len(paths)} images into {store.mode} "
         f"({store.total_bytes / 2**30:.2f} GiB)")
     n = 0
-    for x in itertools.chain([first], (x for x, _ in batches)):
-        forward(ckpt, x, xp=xp, on_mlp_input=lambda b, s, h, n=n: store(b, n + s, h))
-        n += x.shape[0]
+    try:
+        for x, _ in itertools.chain([first], batches):
+            forward_model(model, x, batch_size=args.batch_size,
+                          on_mlp_input=lambda b, s, h, n=n: store(b, n + s, h))
+            n += x.shape[0]
+    except BaseException:                       # a bad image, Ctrl-C: no files left behind
+        store.cleanup()
+        raise
     acts = store.finish(n)
     return acts, {"source": "images", "path": args.calib, "images": n, "storage": store.mode,
                   "augment": bool(args.calib_augment)}, store
@@ -272,6 +282,9 @@ def run(args, log):
         args.eval_data = str(DEMO_TEST)
     out = args.out or str(Path(ckpt.path).with_suffix("")) + ".fips.npz"
     args.out = out
+    for flag, path in (("--out", out), ("--report", args.report), ("--save-acts", args.save_acts)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise InputError(f"{flag} {path}: no such folder")
     blocks = find_mlp_blocks(ckpt)
     groups = parse_groups(args.groups) if args.groups else default_groups(blocks, args.group_size)
     check_groups(groups, blocks)
@@ -298,24 +311,27 @@ def run(args, log):
     arrays, meta = encode(ckpt, result, meta, storage_dtype=np.dtype(args.storage_dtype))
     arrays["config"], arrays["fips"] = json_entry(ckpt.config), json_entry(meta)
     save_npz_atomic(out, arrays)
-    accuracy = evaluate_before_after(args, ckpt, out, xp, log) if args.eval_data else None
+    accuracy = evaluate_before_after(args, ckpt, out, xp, dtype, log) if args.eval_data else None
     report = build_report(args, cfg, ckpt, blocks, result, arrays, calib, out, xp,
                           time.perf_counter() - t0, accuracy)
     if args.report:
-        save_json_atomic(args.report, report)
+        try:
+            save_json_atomic(args.report, report)
+        except OSError:
+            os.unlink(out)                      # all or nothing
+            raise
     return report
 
 
-def evaluate_before_after(args, ckpt, out, xp, log):
+def evaluate_before_after(args, ckpt, out, xp, dtype, log):
     """Top-1 of the original and the compressed model on --eval-data, and their agreement."""
-    from .evaluate import agreement, load_eval_data, topk_accuracy
-    from .models import forward
-    images, labels = load_eval_data(args.eval_data, ckpt)
-    before = forward(ckpt, images, xp=xp)
-    after = forward(out, images, xp=xp)
-    acc = {"data": args.eval_data, "images": int(len(images)),
-           "top1_before": topk_accuracy(before, labels, 1), "top1_after": topk_accuracy(after, labels, 1),
-           "top1_agreement": agreement(before, after)}
+    from .evaluate import eval_data, evaluate
+    images, labels, _, _ = eval_data(args.eval_data, ckpt, batch_size=args.batch_size,
+                                     need_labels=True)
+    r = evaluate(load_checkpoint(out), images, labels, reference=ckpt,
+                 batch_size=args.batch_size, dtype=dtype, xp=xp)
+    acc = {"data": args.eval_data, "images": r["num_images"], "top1_before": r["reference_top1"],
+           "top1_after": r["top1"], "top1_agreement": r["agreement"]}
     log(f"accuracy on {args.eval_data}: top-1 {acc['top1_before']:.4f} before, "
         f"{acc['top1_after']:.4f} after ({acc['top1_agreement']:.4f} agreement)")
     return acc
@@ -358,6 +374,9 @@ def main(argv=None):
         report = run(args, log)
     except (InputError, BackendError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:                        # a file that cannot be written (disk full, rights)
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 2
     print("\n".join(summary(report)))
     return 0

@@ -225,7 +225,11 @@ def model_input_shape(config, img_size=None):
         if len(size) != 2 or size[0] != size[1]:
             raise InputError(f"config img_size {list(size)} is not square; pass --img-size")
         size = size[0]
-    return int(config.get("in_chans", 3)), int(size), int(size)
+    chans = config.get("in_chans", 3)
+    for name, v in (("in_chans", chans), ("img_size", size)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise InputError(f"config field {name!r} must be a positive int, got {v!r}")
+    return chans, size, size
 
 
 def is_npz_data(path):
@@ -266,27 +270,25 @@ def folder_batches(folder, config, *, batch_size=64, class_map=None, limit=None,
     return batches, labels, len(paths)
 
 
-def load_eval_data(path, ckpt, *, class_map=None, limit=None, img_size=None, crop_pct=0.875,
-                   skip_bad=False, need_labels=True):
-    """(images [N, C, S, S], labels [N]) of an .npz test set or an image folder, in memory.
+def eval_data(path, ckpt, *, batch_size=64, class_map=None, limit=None, img_size=None,
+              crop_pct=0.875, skip_bad=False, need_labels=False):
+    """(images [N, C, S, S] or a stream of batches, labels [N] or None, N, crop_pct or None).
 
-    For callers that want every image at once (e.g. the compress CLI's before/after check);
-    ``need_labels=False`` allows an unlabelled set (labels None).
+    An .npz test set is read whole; an image folder is streamed batch by batch (``evaluate``
+    takes either), so memory stays at one batch. Labels are checked against num_classes.
     """
     if is_npz_data(path):
         images, labels = npz_data(path, model_input_shape(ckpt.config, img_size), limit)
+        total, crop_pct = images.shape[0], None
     else:
-        batches, labels, _ = folder_batches(path, ckpt.config, batch_size=256, class_map=class_map,
-                                            limit=limit, img_size=img_size, crop_pct=crop_pct,
-                                            skip_bad=skip_bad)
-        pairs = list(batches)
-        images = np.concatenate([x for x, _ in pairs])
-        labels = None if labels is None else labels[np.concatenate([k for _, k in pairs])]
+        images, labels, total = folder_batches(path, ckpt.config, batch_size=batch_size,
+                                               class_map=class_map, limit=limit, img_size=img_size,
+                                               crop_pct=crop_pct, skip_bad=skip_bad)
     if labels is None and need_labels:
         raise InputError(f"{path}: no labels (use class sub-folders, or an .npz with 'labels')")
     if labels is not None and isinstance(ckpt.config.get("num_classes"), int):
         _check_labels(labels, ckpt.config["num_classes"], where=f"{path}: ")
-    return images, labels
+    return images, labels, total, crop_pct
 
 
 def _check_reference(ref, ckpt, shape):
@@ -308,17 +310,9 @@ def run(args):
     if args.reference:
         reference = load_checkpoint(args.reference)
         _check_reference(reference, ckpt, shape)
-    if is_npz_data(args.data):
-        images, labels = npz_data(args.data, shape, args.limit)
-        total, crop_pct = images.shape[0], None
-    else:
-        images, labels, total = folder_batches(
-            args.data, ckpt.config, batch_size=args.batch_size, class_map=args.class_map,
-            limit=args.limit, img_size=args.img_size, crop_pct=args.crop_pct,
-            skip_bad=args.skip_bad_images)
-        crop_pct = args.crop_pct
-    if labels is not None and isinstance(ckpt.config.get("num_classes"), int):
-        _check_labels(labels, ckpt.config["num_classes"], where=f"{args.data}: ")
+    images, labels, total, crop_pct = eval_data(
+        args.data, ckpt, batch_size=args.batch_size, class_map=args.class_map, limit=args.limit,
+        img_size=args.img_size, crop_pct=args.crop_pct, skip_bad=args.skip_bad_images)
     start = time.perf_counter()
     result = evaluate(ckpt, images, labels, reference=reference, batch_size=args.batch_size,
                       dtype=None if args.dtype is None else np.dtype(args.dtype), xp=xp)

@@ -151,3 +151,28 @@ def test_disk_backed_acts_give_the_in_memory_run(tmp_path):
     for k in runs[0].params:
         np.testing.assert_allclose(runs[1].params[k], runs[0].params[k], rtol=1e-10, atol=1e-12)
     assert runs[1].error_final == pytest.approx(runs[0].error_final, rel=1e-10)
+
+
+def test_bad_image_in_a_later_batch_leaves_no_disk_store(tmp_path, image_folder, capsys):
+    """Disk mode, the unreadable file in the second batch: exit 2, one line, no fips-acts-* left."""
+    ckpt = make_vit_checkpoint(tmp_path / "vit.npz", depth=2, img_size=8, patch_size=4)
+    (image_folder / "dog" / "zz_broken.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [ckpt.path, "--calib", str(image_folder), "--out", str(out / "c.npz"), "--group-size", "1",
+            "--max-memory", "0"] + FAST
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "zz_broken.png" in err and len(err.strip().splitlines()) == 1
+    assert list(out.iterdir()) == []
+
+
+def test_no_readable_calibration_image(tmp_path, capsys):
+    ckpt = make_vit_checkpoint(tmp_path / "vit.npz", depth=2, img_size=8, patch_size=4)
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    (tmp_path / "imgs" / "a" / "x.png").write_bytes(b"junk")
+    code = main([ckpt.path, "--calib", str(tmp_path / "imgs"), "--skip-bad-images",
+                 "--out", str(tmp_path / "c.npz"), "--group-size", "1"] + FAST)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error:") and "no readable calibration images" in err[-1]
+    assert not (tmp_path / "c.npz").exists()

@@ -206,6 +206,9 @@ def test_bad_checkpoint(case, tmp_path, vit, capsys):
     (["--sparsifier", "magic"], "--sparsifier"), (["--groups", "0-1,3"], "block 2"),
     (["--groups", "0-2,2-3"], "block 2"), (["--groups", "0-5"], "block 4"), (["--groups", "a-b"], "--groups"),
     (["--group-size", "3"], "--group-size"), (["--backend", "tpu"], "--backend"),
+    (["--out", "/nonexistent-dir/c.npz"], "--out"), (["--report", "/nonexistent-dir/r.json"], "--report"),
+    (["--save-acts", "/nonexistent-dir/a.npz"], "--save-acts"),
+    (["--calib", "imgs", "--calib-acts", "a.npz"], "--calib"),
 ])
 def test_bad_flag(flags, needle, tmp_path, vit, capsys):
     code, _, err = run_cli(capsys, [vit.path, "--synthetic-samples", "8"] + flags + FAST)
@@ -266,3 +269,34 @@ def test_truncated_zip_member_is_caught(tmp_path, vit):
     from fips_ref.checkpoint import InputError, load_checkpoint as load
     with pytest.raises(InputError, match="z.npz"):
         load(path)
+
+
+def test_compressed_model_evaluates_and_converts_end_to_end(tmp_path, vit, capsys):
+    """compress → evaluate --reference (factored MLPs) → safetensors: the three CLIs on one real file."""
+    from fips_ref.convert import main as convert_main, read_safetensors
+    from fips_ref.evaluate import main as evaluate_main
+    from fips_ref.models import forward
+    rng = np.random.default_rng(4)
+    data = tmp_path / "test.npz"
+    np.savez(data, images=rng.standard_normal((12, 3, 8, 8)).astype(np.float32),
+             labels=rng.integers(0, 5, 12))
+    comp = tmp_path / "c.npz"
+    code, _, _ = run_cli(capsys, [vit.path, "--calib-acts", str(tmp_path / "acts.npz"), "--out", str(comp),
+                                  "--group-size", "2", "--eval-data", str(data), "--report",
+                                  str(tmp_path / "r.json")] + FAST)
+    assert code == 0
+    acc = json.loads((tmp_path / "r.json").read_text())["accuracy"]
+    code, _, _ = run_cli(capsys, [str(comp), "--data", str(data), "--reference", vit.path,
+                                  "--json", str(tmp_path / "e.json")], main=evaluate_main)
+    ev = json.loads((tmp_path / "e.json").read_text())
+    assert code == 0 and ev["num_images"] == 12
+    assert ev["top1"] == acc["top1_after"] and ev["reference_top1"] == acc["top1_before"]
+    assert ev["agreement"] == acc["top1_agreement"] and ev["mean_kl"] >= 0
+    st = tmp_path / "c.safetensors"
+    code, _, _ = run_cli(capsys, [str(comp), str(st)], main=convert_main)
+    assert code == 0
+    tensors, _ = read_safetensors(str(st))
+    dense_ckpt = tmp_path / "d.npz"
+    save_npz_atomic(dense_ckpt, {**tensors, "config": json_entry(vit.config)})
+    x = np.load(data)["images"]
+    np.testing.assert_allclose(forward(str(dense_ckpt), x), forward(str(comp), x), rtol=1e-4, atol=1e-5)

@@ -233,17 +233,19 @@ def test_cli_errors_name_the_file_or_flag(tmp_path, stub_model, capsys):
     assert_clean_failure(code, err, "o.json")
 
 
-def test_load_eval_data_for_other_clis(tmp_path):
+def test_eval_data_streams_folders_and_checks_labels(tmp_path):
     data = _colour_folder(tmp_path / "data", {"a": [0, 1], "b": [2]})
     ckpt = load_checkpoint(_stub_checkpoint(tmp_path / "m.npz"))
-    images, labels = ev.load_eval_data(data, ckpt)
-    assert images.shape == (3, 3, 8, 8) and labels.tolist() == [0, 0, 1]
+    batches, labels, total, crop = ev.eval_data(data, ckpt, batch_size=2)
+    assert not hasattr(batches, "shape") and total == 3 and crop == 0.875   # a stream, not an array
+    shapes = [x.shape for x, _ in batches]
+    assert shapes == [(2, 3, 8, 8), (1, 3, 8, 8)] and labels.tolist() == [0, 0, 1]
     flat = tmp_path / "flat"
     flat.mkdir()
     Image.new("RGB", (9, 9)).save(flat / "x.png")
     with pytest.raises(ev.InputError, match="no labels"):
-        ev.load_eval_data(str(flat), ckpt)
-    assert ev.load_eval_data(str(flat), ckpt, need_labels=False)[1] is None
+        ev.eval_data(str(flat), ckpt, need_labels=True)
+    assert ev.eval_data(str(flat), ckpt)[1] is None
 
 
 # --------------------------------------------------------------------------------- real model

@@ -628,8 +628,8 @@ def test_missing_or_misshapen_tensor_is_named():
     ckpt = make_vit_checkpoint()
     with pytest.raises(InputError, match=r"missing key 'blocks\.1\.attn\.proj\.weight'"):
         prepare_model(with_tensors(ckpt, blocks__1__attn__proj__weight=None))
-    with pytest.raises(InputError, match=r"'pos_embed' has shape \(1, 4, 16\), expected \(1, 5, "):
-        prepare_model(with_tensors(ckpt, pos_embed=np.zeros((1, 4, 16), np.float32)))
+    with pytest.raises(InputError, match=r"'pos_embed' has shape \(1, 3, 16\), expected \(1, 5, "):
+        prepare_model(with_tensors(ckpt, pos_embed=np.zeros((1, 3, 16), np.float32)))
     with pytest.raises(InputError, match=r"'blocks\.0\.mlp\.fc2\.weight'"):
         prepare_model(with_tensors(ckpt, blocks__0__mlp__fc2__weight=np.zeros((16, 7), np.float32)))
 
@@ -673,3 +673,32 @@ def test_empty_batch():
     ckpt = make_swin_checkpoint()
     logits, acts = forward(ckpt, np.zeros((0, 3, 16, 16), np.float32), record_mlp_inputs=True)
     assert logits.shape == (0, 5) and acts[3].shape == (0, 16, 16)
+
+
+def test_no_embed_class_layout_is_refused_by_name():
+    """DeiT-III's pos_embed has rows for the patches only (timm no_embed_class): a named refusal."""
+    ckpt = make_vit_checkpoint()
+    with pytest.raises(InputError, match="no_embed_class"):
+        prepare_model(with_tensors(ckpt, pos_embed=np.zeros((1, 4, 16), np.float32)))
+
+
+@pytest.mark.parametrize("make, field, value", [(make_vit_checkpoint, "depth", 1),
+                                                (make_swin_checkpoint, "depths", [2, 1]),
+                                                (make_swin_checkpoint, "depths", [2])])
+def test_tensors_of_blocks_the_config_lacks_are_refused(make, field, value):
+    """A config declaring fewer blocks or stages than the tensors hold would silently drop them."""
+    kw = {field: value}
+    if field == "depths" and len(value) == 1:
+        kw["num_heads"] = [1]
+    with pytest.raises(InputError, match="belongs to no block"):
+        prepare_model(with_config(make(), **kw))
+
+
+def test_bundled_demo_forward_matches_torch():
+    """weights/digits_test.npz holds torch's eval logits of the demo ViT: same logits, same top-1."""
+    from fips_ref.checkpoint import load_npz
+    from fips_ref.compress import DEMO_CKPT, DEMO_TEST
+    test = load_npz(DEMO_TEST)
+    logits = forward(str(DEMO_CKPT), test["images"])
+    np.testing.assert_allclose(logits, test["torch_logits"], rtol=0, atol=5e-5)
+    assert np.array_equal(logits.argmax(1), test["torch_logits"].argmax(1))

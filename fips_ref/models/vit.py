@@ -107,6 +107,15 @@ def param_shapes(cfg):
     return shapes, tuple(optional)
 
 
+def check_pos_embed(path, tensors, cfg):
+    """timm's no_embed_class layout (DeiT-III: pos_embed for the patches only) is not implemented."""
+    pe = tensors.get("pos_embed")
+    patches = cfg.grid[0] * cfg.grid[1]
+    if pe is not None and cfg.num_prefix and pe.ndim == 3 and pe.shape[1] == patches:
+        raise InputError(f"{path}: key 'pos_embed' has {patches} rows, one per patch and none for "
+                         f"the class token: timm's no_embed_class layout (DeiT-III), not supported")
+
+
 # ----------------------------------------------------------------------------- forward
 def embed(x, p, cfg):  # [B, C, Hi, Wi] -> [B, N, D]
     """timm _pos_embed (no_embed_class=False): concat [cls, (dist), patches], then + pos_embed."""
