@@ -31,11 +31,13 @@ def load_calib_acts(path, blocks, max_bytes=None):
     uncompressed (np.savez, --save-acts) are read from the file a batch at a time (DiskArray);
     compressed members are always read whole.
     """
-    arrays = _npz_members(path) if max_bytes is not None else None
-    lazy = arrays is not None and 2 * 4 * sum(a.size for a in arrays.values()) > max_bytes
-    if not lazy:
-        for a in (arrays or {}).values():
+    keys = [acts_key(b.index) for b in blocks]
+    arrays = _npz_members(path, keys) if max_bytes is not None else None
+    if arrays is not None and 2 * 4 * sum(a.size for a in arrays.values()) <= max_bytes:
+        for a in arrays.values():
             a.close()
+        arrays = None
+    if arrays is None:
         arrays = load_npz(path, "activations file")
     acts = {}
     for b in blocks:
@@ -54,21 +56,27 @@ def load_calib_acts(path, blocks, max_bytes=None):
     return acts
 
 
-def _npz_members(path):
-    """{key: DiskArray} over the uncompressed members of an .npz, or None if any is compressed."""
+def _npz_members(path, keys):
+    """{key: DiskArray} over the members ``keys`` of an .npz, or None unless all are stored
+    uncompressed, C-ordered and numeric (then load_npz reads the file and reports problems)."""
     try:
         with zipfile.ZipFile(path) as z:
-            infos = z.infolist()
+            infos = {i.filename[:-4]: i for i in z.infolist() if i.filename.endswith(".npy")}
     except (OSError, zipfile.BadZipFile):
-        return None                                  # load_npz reports it
-    if any(i.compress_type != zipfile.ZIP_STORED or not i.filename.endswith(".npy") for i in infos):
+        return None
+    if any(k not in infos or infos[k].compress_type != zipfile.ZIP_STORED for k in keys):
         return None
     out = {}
-    with open(path, "rb") as f:
-        for i in infos:                              # data follow the 30-byte local header
-            f.seek(i.header_offset + 26)
-            name_len, extra_len = struct.unpack("<HH", f.read(4))
-            out[i.filename[:-4]] = DiskArray(path, offset=i.header_offset + 30 + name_len + extra_len)
+    try:
+        with open(path, "rb") as f:
+            for k in keys:                           # data follow the 30-byte local header
+                f.seek(infos[k].header_offset + 26)
+                name_len, extra_len = struct.unpack("<HH", f.read(4))
+                out[k] = DiskArray(path, offset=infos[k].header_offset + 30 + name_len + extra_len)
+    except (InputError, OSError, struct.error):
+        for a in out.values():
+            a.close()
+        return None
     return out
 
 
@@ -125,8 +133,10 @@ class DiskArray:
                     else np.lib.format.read_array_header_2_0)
             shape, fortran, dtype = read(self._f)
         except ValueError as e:
+            self._f.close()
             raise InputError(f"{self.path}: not a .npy array ({e})") from None
         if fortran or dtype.hasobject or not shape:
+            self._f.close()
             raise InputError(f"{self.path}: expected a C-ordered numeric array with rows")
         self.data_offset = self._f.tell()
         self.shape = (shape[0] if rows is None else min(rows, shape[0]),) + tuple(shape[1:])

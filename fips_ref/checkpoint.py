@@ -10,6 +10,7 @@ import os
 import re
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,9 +49,10 @@ def load_npz(path, what="file"):
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such {what}")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if not isinstance(z, np.lib.npyio.NpzFile):
-                raise InputError(f"{path}: not an .npz archive (a single .npy array)")
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise InputError(f"{path}: not an .npz archive (a single .npy array)")
+        with z:
             out = {}
             for k in z.files:
                 try:
@@ -63,7 +65,7 @@ def load_npz(path, what="file"):
             return out
     except InputError:
         raise
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise InputError(f"{path}: not a readable .npz archive ({msg})") from None
 
@@ -127,6 +129,9 @@ def find_mlp_blocks(ckpt):
         _tensor(ckpt, f"{prefix}.mlp.fc1.bias", shape=(hidden,))
         _tensor(ckpt, f"{prefix}.mlp.fc2.weight", shape=(d, hidden))
         _tensor(ckpt, f"{prefix}.mlp.fc2.bias", shape=(d,))
+        for name in ("ls2.gamma", "norm2.weight", "norm2.bias"):       # read by the local stage
+            if f"{prefix}.{name}" in ckpt.tensors:
+                _tensor(ckpt, f"{prefix}.{name}", shape=(d,))
         blocks.append(MLPBlock(index, prefix, stage, d, hidden))
     _check_no_stray_mlp_keys(ckpt, blocks)
     return blocks
@@ -144,11 +149,14 @@ def _tensor(ckpt, key, shape=None, ndim=None):
     return a
 
 
-_MLP_KEY = re.compile(r"^(.*)\.mlp\.fc[12]\.(weight|bias)$")
+_MLP_KEY = re.compile(r"^(blocks\.\d+|layers\.\d+\.blocks\.\d+)\.mlp\.fc[12]\.(weight|bias)$")
 
 
 def _check_no_stray_mlp_keys(ckpt, blocks):
-    """An MLP key outside the config's blocks means config and tensors disagree."""
+    """A transformer block's MLP outside the config's blocks means config and tensors disagree.
+
+    Other MLPs (e.g. timm's ``attn_pool.mlp``) are not block MLPs: they pass through untouched.
+    """
     known = {b.prefix for b in blocks}
     for k in ckpt.tensors:
         m = _MLP_KEY.match(k)

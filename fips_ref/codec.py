@@ -57,6 +57,13 @@ def fips_meta(ckpt):
     if meta.get("format_version") != FORMAT_VERSION or not isinstance(meta.get("groups"), list):
         raise InputError(f"{ckpt.path}: key 'fips' has an unsupported format "
                          f"(version {meta.get('format_version')!r}, expected {FORMAT_VERSION})")
+    for g in meta["groups"]:
+        ok = isinstance(g, dict) and all(isinstance(g.get(f), int) for f in ("index", "rows", "cols", "rank")) \
+            and isinstance(g.get("layers"), list) and all(
+                isinstance(l, dict) and isinstance(l.get("key"), str) and isinstance(l.get("block"), int)
+                and isinstance(l.get("basis_first"), bool) for l in g["layers"])
+        if not ok:
+            raise InputError(f"{ckpt.path}: key 'fips' has a malformed group entry {str(g)[:80]}")
     return meta
 
 

@@ -20,9 +20,9 @@ from .budget import storage_bits
 from .calib import ActivationStore, DiskArray, load_calib_acts, save_acts, synthetic_acts
 from .checkpoint import InputError, find_mlp_blocks, json_entry, load_checkpoint, save_json_atomic, save_npz_atomic
 from .codec import encode
-from .local_stage import FiPSConfig, config_dict, run_local_stage
+from .local_stage import FiPSConfig, config_dict, plan_groups, run_local_stage
 from .sharing import STRATEGIES, check_groups, default_groups, parse_groups
-from .sparsity import SPARSIFIERS, describe
+from .sparsity import SPARSIFIERS, density, describe
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 DEMO_CKPT = WEIGHTS / "vit_digits.npz"
@@ -60,7 +60,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default in (None, False) or "default" in text or isinstance(action, argparse._StoreFalseAction):
+        if action.default is None or action.default is False or "default" in text \
+                or isinstance(action, argparse._StoreFalseAction):
             return text
         return super()._get_help_string(action)
 
@@ -118,7 +119,7 @@ def build_parser():
     t.add_argument("--weight-decay", type=ranged(0, 10), default=d.weight_decay, help="configs: 0.05")
     t.add_argument("--beta1", type=ranged(0, 1, hi_open=True), default=d.beta1, help="configs: 0.9")
     t.add_argument("--beta2", type=ranged(0, 1, hi_open=True), default=d.beta2, help="configs: 0.999")
-    t.add_argument("--eps", type=ranged(0, 1), default=d.eps, help="configs: 9.999e-9")
+    t.add_argument("--eps", type=ranged(0, 1, lo_open=True), default=d.eps, help="configs: 9.999e-9")
     t.add_argument("--gmp-initial", type=ranged(0, 1, hi_open=True),
                    help="GMP start sparsity (default: 0.05 configs; 0.25 with --variant paper)")
     t.add_argument("--gmp-accelerated", type=ranged(0, 1, hi_open=True), default=d.gmp_accelerated,
@@ -260,9 +261,10 @@ def build_report(args, cfg, ckpt, blocks, result, arrays, calib, out_path, xp, s
                     "cols": g.cols, "grown": g.rank > g.rows} for g in result.groups],
         "blocks": [{"index": b, "rel_error_init": result.error_init.get(b),
                     "rel_error_final": result.error_final.get(b)} for b in sorted(result.error_final)],
-        "layer_density": describe(result.masks) if result.masks else {},
+        "layer_density": describe(result.masks) if result.masks else
+        {f"{l.key}.V": 1.0 for g in result.groups for l in g.layers},
         "params": {"mlp_original": original, "mlp_kept": kept, "achieved_budget": kept / original,
-                   "target_budget": args.budget},
+                   "target_budget": args.budget, "v_density": density(result.masks)},
         "storage": dict(storage_summary(result, arrays, original, value_bits),
                         file_bytes=os.path.getsize(out_path), original_file_bytes=os.path.getsize(ckpt.path)),
         "history": result.history, "wall_seconds": seconds, "peak_device_bytes": peak_device_bytes(xp),
@@ -285,12 +287,21 @@ def run(args, log):
     for flag, path in (("--out", out), ("--report", args.report), ("--save-acts", args.save_acts)):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise InputError(f"{flag} {path}: no such folder")
+        if path and os.path.isdir(path):
+            raise InputError(f"{flag} {path}: is a folder, expected a file name")
+        if path and os.path.abspath(path) == os.path.abspath(ckpt.path):
+            raise InputError(f"{flag} {path}: would overwrite the input checkpoint")
     blocks = find_mlp_blocks(ckpt)
     groups = parse_groups(args.groups) if args.groups else default_groups(blocks, args.group_size)
     check_groups(groups, blocks)
     xp = load_backend(args.backend)
     dtype = np.dtype(args.dtype).type
     cfg = fips_config(args)
+    plan_groups(cfg, blocks, groups)                 # rank errors before any work or file
+    evaluation = None
+    if args.eval_data:                               # --eval-data errors too
+        from .evaluate import eval_data
+        evaluation = eval_data(args.eval_data, ckpt, batch_size=args.batch_size, need_labels=True)[:2]
     acts, calib, store = calibration(args, ckpt, blocks, xp, log)
     try:
         if args.save_acts:
@@ -305,13 +316,14 @@ def run(args, log):
         if store is not None:
             store.cleanup()
     meta = {"fips_ref_version": __version__, "budget": cfg.budget, "target_sparsity": cfg.sparsity,
-            "achieved_sparsity": result.history["sparsity"][-1] if result.history["sparsity"] else 0.0,
+            "achieved_sparsity": 1.0 - density(result.masks) if result.masks else 0.0,
             "variant": cfg.variant, "seed": cfg.seed, "config": config_dict(cfg),
             "schedule": dataclasses.asdict(result.schedule), "calibration": calib}
     arrays, meta = encode(ckpt, result, meta, storage_dtype=np.dtype(args.storage_dtype))
     arrays["config"], arrays["fips"] = json_entry(ckpt.config), json_entry(meta)
     save_npz_atomic(out, arrays)
-    accuracy = evaluate_before_after(args, ckpt, out, xp, dtype, log) if args.eval_data else None
+    accuracy = None if evaluation is None else evaluate_before_after(args, ckpt, out, evaluation, xp,
+                                                                     dtype, log)
     report = build_report(args, cfg, ckpt, blocks, result, arrays, calib, out, xp,
                           time.perf_counter() - t0, accuracy)
     if args.report:
@@ -323,11 +335,10 @@ def run(args, log):
     return report
 
 
-def evaluate_before_after(args, ckpt, out, xp, dtype, log):
+def evaluate_before_after(args, ckpt, out, evaluation, xp, dtype, log):
     """Top-1 of the original and the compressed model on --eval-data, and their agreement."""
-    from .evaluate import eval_data, evaluate
-    images, labels, _, _ = eval_data(args.eval_data, ckpt, batch_size=args.batch_size,
-                                     need_labels=True)
+    from .evaluate import evaluate
+    images, labels = evaluation
     r = evaluate(load_checkpoint(out), images, labels, reference=ckpt,
                  batch_size=args.batch_size, dtype=dtype, xp=xp)
     acc = {"data": args.eval_data, "images": r["num_images"], "top1_before": r["reference_top1"],
@@ -344,13 +355,16 @@ def summary(report):
     lines = [f"wrote {report['output']}",
              f"MLP parameters kept: {p['mlp_kept']:,} of {p['mlp_original']:,} "
              f"(achieved budget {p['achieved_budget']:.4f}, target {p['target_budget']})",
-             f"final sparsity of V: {report['history']['sparsity'][-1] if report['history']['sparsity'] else 0:.4f}; "
+             f"final sparsity of V: {1 - report['params']['v_density']:.4f}; "
              f"ranks {[g['rank'] for g in report['groups']]}",
              f"mean relative MLP output error: {np.mean([b['rel_error_init'] for b in report['blocks']]):.4e} "
              f"at init, {np.mean(errs):.4e} after",
              f"storage ratio (paper §3, 16-bit): {s['paper_ratio']:.4f}; file {s['file_bytes']:,} bytes "
              f"vs original {s['original_file_bytes']:,}",
              f"wall time {report['wall_seconds']:.1f} s"]
+    if report["calibration"]["source"] == "synthetic":
+        lines.append("calibration: SYNTHETIC MLP inputs from norm2's affine parameters "
+                     "(no --calib or --calib-acts); real activations give better models")
     if report.get("accuracy"):
         a = report["accuracy"]
         lines.append(f"top-1 accuracy: {a['top1_before']:.4f} before, {a['top1_after']:.4f} after")
@@ -371,7 +385,8 @@ def main(argv=None):
         return code
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
-        report = run(args, log)
+        with np.errstate(all="ignore"):          # a diverging run is reported once, by the loss check
+            report = run(args, log)
     except (InputError, BackendError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -32,6 +32,9 @@ def main(argv=None):
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:                        # the destination cannot be written
+        print(f"error: {e.filename or args.dense}: {e.strerror or e}", file=sys.stderr)
+        return 2
     print(f"wrote {args.dense}")
     return 0
 

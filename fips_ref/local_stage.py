@@ -96,6 +96,13 @@ class LocalResult:
 
 
 # ----------------------------------------------------------------------------- initialisation
+def plan_groups(cfg, blocks, groups):
+    """The groups with their ranks from the budget (fips-spec §2); InputError if a rank is < 1."""
+    rank_sparsity = 0.0 if cfg.sparsifier == "dense" else cfg.sparsity   # B12: dense keeps the budget
+    return build_groups(blocks, groups, budget=cfg.budget, sparsity=rank_sparsity,
+                        strategy=cfg.strategy, round_to=cfg.round_to or None)
+
+
 def init_factors(weights, groups, *, xp, dtype, tau):
     """SVD-initialised U per group, V slices and biases per layer (paper §3 "Shared initialisation")."""
     params = {}
@@ -331,10 +338,12 @@ def run_local_stage(weights, acts, groups, cfg=FiPSConfig(), *, blocks, batch_or
         raise InputError(f"--sparsifier: unknown {cfg.sparsifier!r} (choose from {', '.join(SPARSIFIERS)})")
     n = _sample_count(acts, blocks)
     order = batch_order if batch_order is not None else epoch_batches(n, cfg.batch_size, cfg.epochs, cfg.seed)
+    if batch_order is None and not sum(len(e) for e in order):   # (an explicit [] evaluates the init)
+        raise InputError(f"--batch-size {cfg.batch_size}: more than the {n} calibration samples, "
+                         "so no step would be taken")
     sched = resolve_schedule(cfg, sum(len(e) for e in order))
-    rank_sparsity = 0.0 if cfg.sparsifier == "dense" else cfg.sparsity   # B12: dense keeps the budget
-    plan = build_groups(blocks, groups, budget=cfg.budget, sparsity=rank_sparsity,
-                        strategy=cfg.strategy, round_to=cfg.round_to or None)
+    _check_gmp_levels(cfg, sched)
+    plan = plan_groups(cfg, blocks, groups)
     params = init_factors(weights, plan, xp=xp, dtype=dtype, tau=cfg.tau)
     masks = sparsifier_masks(cfg, sched, {k: v for k, v in params.items() if k.endswith(".V")})
     dense = dense_weights(weights, blocks, xp=xp, dtype=dtype)
@@ -368,6 +377,10 @@ def run_local_stage(weights, acts, groups, cfg=FiPSConfig(), *, blocks, batch_or
             if log is not None and (state.step % log_every == 0 or state.step == sched.total_steps):
                 log(state.step, sched.total_steps, epoch, float(loss), sparsity_now)
     hist["loss"] = [float(x) for x in hist["loss"]]                # one sync, at the end
+    bad = next((k for k, x in enumerate(hist["loss"], 1) if not np.isfinite(x)), None)
+    if bad is not None:
+        raise InputError(f"the run diverged: the loss is {hist['loss'][bad - 1]} at step {bad} "
+                         f"(lower --lr, raise --eps)")
     result.masks, result.history = state.masks, hist
     if errors:
         result.error_final = relative_errors(params, state.masks, plan, dense, acts, xp=xp,
@@ -385,6 +398,13 @@ def _rigl_gradients(cfg, sched, step, grads, masks, rigl_sum):
     for k in masks:
         rigl_sum[k] = grads[k] + rigl_sum[k] if k in rigl_sum else grads[k].copy()
     return rigl_sum
+
+
+def _check_gmp_levels(cfg, sched):
+    """GMP never revives entries, so its levels must rise: initial ≤ accelerated ≤ final."""
+    if cfg.sparsifier == "gmp" and not sched.gmp_initial <= cfg.gmp_accelerated <= cfg.sparsity:
+        raise InputError(f"--gmp-initial {sched.gmp_initial}, --gmp-accelerated {cfg.gmp_accelerated}, "
+                         f"--sparsity {cfg.sparsity}: GMP needs initial <= accelerated <= final")
 
 
 def _sample_count(acts, blocks):

@@ -24,6 +24,8 @@ def cubic_sparsity(step, *, t_end, delta_t, t_accel, initial, accelerated, final
     if step < t_accel:
         return initial
     span = t_end if variant == "authors" else t_end - t_accel
+    if span <= 0:                                   # paper variant with t_accel = t_end
+        return final
     return final + (accelerated - final) * (1.0 - (step - t_accel) / span) ** 3
 
 
@@ -43,6 +45,7 @@ def keep_count(numel, sparsity):
 def topk_mask(score, k):  # [N] -> [N] bool
     """Exactly k largest scores; among equal scores the lower index wins."""
     xp = get_xp(score)
+    score = xp.where(xp.isnan(score), -xp.inf, score)   # NaN ranks last, so exactly k are kept
     n = score.shape[0]
     k = max(0, min(int(k), n))
     if k == 0 or k == n:

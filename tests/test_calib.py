@@ -176,3 +176,16 @@ def test_no_readable_calibration_image(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error:") and "no readable calibration images" in err[-1]
     assert not (tmp_path / "c.npz").exists()
+
+
+def test_activations_file_with_other_members_loads_both_ways(tmp_path):
+    """Extra (string, 0-d) members are ignored: only the blocks' mlp_in.{i} are read."""
+    ckpt = make_vit_checkpoint(tmp_path / "vit.npz", depth=2, img_size=8, patch_size=4)
+    blocks = find_mlp_blocks(ckpt)
+    rng = np.random.default_rng(5)
+    acts = {f"mlp_in.{b.index}": rng.standard_normal((10, 5, b.d)).astype(np.float32) for b in blocks}
+    np.savez(tmp_path / "a.npz", note=np.array("recorded by hand"), scale=np.float32(2.0), **acts)
+    for max_bytes, kind in ((0, DiskArray), (10**9, np.ndarray)):
+        got = load_calib_acts(tmp_path / "a.npz", blocks, max_bytes=max_bytes)
+        assert all(isinstance(a, kind) for a in got.values())
+        np.testing.assert_array_equal(got[1][:], acts["mlp_in.1"])

@@ -149,8 +149,28 @@ def tensors_with(vit, **changes):
     return t
 
 
+def _npy(p):
+    np.save(p / "x.npy", np.zeros((2, 2), np.float32))
+    return str(p / "x.npy")
+
+
+def _corrupt_deflate(p, vit):
+    """A compressed npz whose deflate stream is damaged (zip directory intact)."""
+    path = p / "cz.npz"
+    np.savez_compressed(path, config=json_entry(vit.config), **vit.tensors)
+    data = bytearray(path.read_bytes())
+    for i in range(2000, 6000, 7):
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+    return str(path)
+
+
 BAD_CHECKPOINTS = {
     "missing": lambda p, vit: str(p / "nope.npz"),
+    "npy": lambda p, vit: _npy(p),
+    "corrupt_deflate": _corrupt_deflate,
+    "misshaped_gamma": lambda p, vit: write(p / "x.npz", config=json_entry(vit.config),
+                                            **tensors_with(vit, blocks__0__ls2__gamma=np.ones(3, np.float32))),
     "truncated": lambda p, vit: _truncated(p, vit),
     "not_npz": lambda p, vit: _text(p),
     "pickled": lambda p, vit: _pickled(p),
@@ -165,6 +185,7 @@ BAD_CHECKPOINTS = {
                                        **tensors_with(vit, blocks__0__mlp__fc1__weight=np.full((64, 16), np.nan, np.float32))),
 }
 EXPECTED = {"missing": "no such", "truncated": "not a readable", "not_npz": "not a readable",
+            "npy": "not an .npz", "corrupt_deflate": "not a readable", "misshaped_gamma": "blocks.0.ls2.gamma",
             "pickled": "pickled", "no_config": "'config'", "bad_config": "'config'", "no_arch": "'arch'",
             "missing_key": "blocks.2.mlp.fc2.weight", "misshaped_key": "blocks.1.mlp.fc1.bias",
             "nan_weight": "NaN"}
@@ -208,7 +229,8 @@ def test_bad_checkpoint(case, tmp_path, vit, capsys):
     (["--group-size", "3"], "--group-size"), (["--backend", "tpu"], "--backend"),
     (["--out", "/nonexistent-dir/c.npz"], "--out"), (["--report", "/nonexistent-dir/r.json"], "--report"),
     (["--save-acts", "/nonexistent-dir/a.npz"], "--save-acts"),
-    (["--calib", "imgs", "--calib-acts", "a.npz"], "--calib"),
+    (["--calib", "imgs", "--calib-acts", "a.npz"], "--calib"), (["--eps", "0"], "--eps"),
+    (["--sparsity", "0.2"], "GMP needs"), (["--gmp-initial", "0.6"], "GMP needs"),
 ])
 def test_bad_flag(flags, needle, tmp_path, vit, capsys):
     code, _, err = run_cli(capsys, [vit.path, "--synthetic-samples", "8"] + flags + FAST)
@@ -225,6 +247,7 @@ def test_groups_mixing_widths(tmp_path, capsys):
 
 @pytest.mark.parametrize("case, needle", [
     ("missing_block", "mlp_in.3"), ("wrong_width", "mlp_in.0"), ("nan", "NaN"), ("not_npz", "not a readable"),
+    ("pickled", "pickled"), ("empty", "--batch-size"), ("too_few", "--batch-size"),
 ])
 def test_bad_activations(case, needle, tmp_path, vit, capsys):
     rng = np.random.default_rng(0)
@@ -235,12 +258,16 @@ def test_bad_activations(case, needle, tmp_path, vit, capsys):
         acts["mlp_in.0"] = acts["mlp_in.0"][..., :8]
     if case == "nan":
         acts["mlp_in.1"][0, 0, 0] = np.inf
+    if case in ("empty", "too_few"):
+        acts = {k: a[:0 if case == "empty" else 7] for k, a in acts.items()}     # FAST: batches of 8
+    if case == "pickled":
+        acts["extra"] = np.array([{"a": 1}], dtype=object)
     path = tmp_path / "acts.npz"
-    save_npz_atomic(path, acts)
+    np.savez(path, **acts) if case == "pickled" else save_npz_atomic(path, acts)
     if case == "not_npz":
         path.write_text("nope")
     code, _, err = run_cli(capsys, [vit.path, "--calib-acts", str(path)] + FAST)
-    assert_usage_error(code, err, needle, str(path))
+    assert_usage_error(code, err, needle, *([] if case in ("empty", "too_few") else [str(path)]))
     assert fips_outputs(tmp_path) == []
 
 
@@ -300,3 +327,54 @@ def test_compressed_model_evaluates_and_converts_end_to_end(tmp_path, vit, capsy
     save_npz_atomic(dense_ckpt, {**tensors, "config": json_entry(vit.config)})
     x = np.load(data)["images"]
     np.testing.assert_allclose(forward(str(dense_ckpt), x), forward(str(comp), x), rtol=1e-4, atol=1e-5)
+
+
+def test_output_paths_that_would_clobber_are_refused(tmp_path, vit, capsys):
+    for out in (str(tmp_path), vit.path):
+        code, _, err = run_cli(capsys, [vit.path, "--synthetic-samples", "8", "--out", out] + FAST)
+        assert_usage_error(code, err, "--out")
+    assert load_checkpoint(vit.path).tensors.keys() == vit.tensors.keys()
+
+
+def test_a_diverged_run_writes_nothing(tmp_path, vit, capsys):
+    code, _, err = run_cli(capsys, [vit.path, "--synthetic-samples", "8", "--lr", "10",
+                                    "--weight-decay", "10", "--out", str(tmp_path / "c.npz")]
+                           + FAST + ["--epochs", "8"])
+    assert_usage_error(code, err, "diverged", "--lr")
+    assert fips_outputs(tmp_path) == []
+
+
+def test_layerscale_checkpoint_compresses_with_gamma(tmp_path, capsys):
+    """ls1/ls2.gamma pass through untouched, and ls2.gamma weighs the loss (γ ⊙ Δy)."""
+    losses = []
+    for scale in (1.0, 3.0):
+        ckpt = make_vit_checkpoint(tmp_path / f"ls{scale}.npz", depth=2, embed_dim=16, mlp_ratio=4.0,
+                                   layerscale=True)
+        t = dict(ckpt.tensors)
+        for i in range(2):
+            t[f"blocks.{i}.ls2.gamma"] = t[f"blocks.{i}.ls2.gamma"] * scale
+        save_npz_atomic(ckpt.path, {**t, "config": json_entry(ckpt.config)})
+        out, rep = tmp_path / f"c{scale}.npz", tmp_path / f"r{scale}.json"
+        code, _, _ = run_cli(capsys, [ckpt.path, "--synthetic-samples", "16", "--group-size", "2",
+                                      "--out", str(out), "--report", str(rep)] + FAST)
+        assert code == 0
+        comp = load_checkpoint(out)
+        for k in ("blocks.0.ls1.gamma", "blocks.1.ls2.gamma"):
+            assert np.array_equal(comp.tensors[k], t[k])
+        losses.append(json.loads(rep.read_text())["history"]["loss"][0])
+    assert losses[1] == pytest.approx(9 * losses[0], rel=1e-4)        # γ enters squared
+
+
+def test_decompress_malformed_metadata_and_unwritable_destination(tmp_path, vit, capsys):
+    comp = tmp_path / "c.npz"
+    assert run_cli(capsys, [vit.path, "--synthetic-samples", "8", "--out", str(comp)] + FAST)[0] == 0
+    code, _, err = run_cli(capsys, [str(comp), "/nonexistent-dir/d.npz"], main=decompress_main)
+    assert_usage_error(code, err, "/nonexistent-dir")
+    c = load_checkpoint(comp)
+    meta = json.loads(str(c.extra["fips"]))
+    del meta["groups"][0]["layers"][0]["key"]
+    save_npz_atomic(tmp_path / "m.npz", {**c.tensors, "config": json_entry(c.config),
+                                         "fips": json_entry(meta)})
+    code, _, err = run_cli(capsys, [str(tmp_path / "m.npz"), str(tmp_path / "d.npz")], main=decompress_main)
+    assert_usage_error(code, err, "malformed")
+    assert not (tmp_path / "d.npz").exists()

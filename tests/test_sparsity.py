@@ -317,3 +317,18 @@ def test_rigl_zero_drop_fraction_is_identity_at_target():
     assert all(np.array_equal(new[k], masks[k]) for k in masks)
     assert not any(g.any() for g in grown.values())
     assert math.isclose(density(new), 0.25)
+
+
+def test_topk_mask_keeps_exactly_k_with_nan_scores():
+    """A NaN score (a diverged weight) ranks below every number, and exactly k are still kept."""
+    score = np.array([1.0, np.nan, 3.0, 2.0, 0.5, np.nan])
+    for k in range(7):
+        m = topk_mask(score, k)
+        assert int(m.sum()) == k
+    assert topk_mask(score, 3).tolist() == [True, False, True, True, False, False]
+    assert topk_mask(score, 5).tolist() == [True, True, True, True, True, False]   # NaN ties: lower index
+
+
+def test_paper_cubic_with_t_accel_at_t_end_gives_final():
+    assert cubic_sparsity(6, t_end=6, delta_t=1, t_accel=6, initial=0.25, accelerated=0.5,
+                          final=0.75, variant="paper") == 0.75
