@@ -200,7 +200,7 @@ def build_parser():
                    help="array backend (default: $FIPS_REF_BACKEND or numpy)")
     p.add_argument("--dtype", choices=("float32", "float64"), default=None)
     p.add_argument("--img-size", type=_positive_int, default=None,
-                   help="input side (default: config img_size)")
+                   help="square input side for image folders (default: config img_size; the model must accept it)")
     p.add_argument("--crop-pct", type=_crop_pct, default=0.875,
                    help="resize shorter side to floor(img_size / crop_pct) before the centre "
                         "crop (default 0.875: Resize 256 -> CenterCrop 224, the FiPS test "
@@ -223,7 +223,8 @@ def model_input_shape(config, img_size=None):
     size = img_size if img_size is not None else config.get("img_size", 224)
     if isinstance(size, (list, tuple)):
         if len(size) != 2 or size[0] != size[1]:
-            raise InputError(f"config img_size {list(size)} is not square; pass --img-size")
+            raise InputError(f"config img_size {list(size)} is not square: evaluation takes "
+                             "square inputs only")
         size = size[0]
     chans = config.get("in_chans", 3)
     for name, v in (("in_chans", chans), ("img_size", size)):
