@@ -76,21 +76,22 @@ _NDTR_C = (0.11780924903732229, 0.04211150644351869, 0.3339322341633153, -0.3309
 SLAB_ELEMENTS = 1 << 14      # elements per slab of NumPy element-wise work (128 KB of float64)
 
 
-def normal_cdf_pdf(z):  # [...] -> ([...], [...])
-    """Φ(z) and φ(z) = exp(−z²/2)/√(2π) element-wise, in z's dtype, for one slab of work.
+def normal_cdf_pdf(z, pdf=True):  # [...] -> ([...], [...] or None)
+    """Φ(z) and (if ``pdf``) φ(z) = exp(−z²/2)/√(2π) element-wise, in z's dtype, for one slab.
 
     Exact (scipy / cupyx ``ndtr``), except NumPy float32: the minimax formula above, in float64,
     rounded once to float32 (the array should be slab-sized: see row_slabs).
     """
     xp = get_xp(z)
     if xp is np and z.dtype == np.float32:
-        return tuple(r.astype(np.float32) for r in _ndtr_minimax(z.astype(np.float64)))
+        cdf, dens = _ndtr_minimax(z.astype(np.float64))
+        return cdf.astype(np.float32), dens.astype(np.float32) if pdf else None
     if xp is np:
         cdf = scipy.special.ndtr(z)
     else:
         import cupyx.scipy.special
         cdf = cupyx.scipy.special.ndtr(z)
-    return cdf, xp.exp(-0.5 * z * z) * INV_SQRT_2PI
+    return cdf, xp.exp(-0.5 * z * z) * INV_SQRT_2PI if pdf else None
 
 
 def _ndtr_minimax(z):  # float64 [...] -> (float64 [...], float64 [...])

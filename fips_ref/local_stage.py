@@ -21,7 +21,7 @@ import numpy as np
 from .adamw import AdamWState, adamw_init, adamw_step, cosine_lr
 from .backend import get_xp
 from .checkpoint import InputError
-from .mlp import dense_mlp, lowrank_mlp_backward, lowrank_mlp_forward
+from .mlp import dense_mlp, lowrank_mlp, lowrank_mlp_backward, lowrank_mlp_forward
 from .sharing import build_groups, concat_group, layer_factors, split_v, svd_init
 from .sparsity import (SPARSIFIERS, cubic_sparsity, density, initial_masks, prune_to,
                        rigl_drop_fraction, rigl_update)
@@ -230,16 +230,14 @@ def reference_outputs(dense, block, h):  # [M, D] -> [M, D]
     return dense_mlp(h, W1, b1, W2, b2)
 
 
-def cached_targets(dense, acts, *, xp, dtype, out=None, chunk=64):
+def cached_targets(dense, acts, *, xp, dtype, chunk=64):
     """Original MLP output of every calibration sample, computed once (the targets never change).
 
-    {block: [N, ..., D]} like ``acts``: new ``xp`` arrays of ``dtype``, or written into ``out``
-    (e.g. calib.DiskArray files for calibration sets that do not fit in memory).
+    {block: [N, ..., D]} like ``acts``, as new ``xp`` arrays of ``dtype``.
     """
-    out = {} if out is None else out
+    out = {}
     for b, a in acts.items():
-        if b not in out:
-            out[b] = xp.empty(a.shape, dtype=dtype)
+        out[b] = xp.empty(a.shape, dtype=dtype)
         for s in range(0, a.shape[0], chunk):
             idx = np.arange(s, min(s + chunk, a.shape[0]))
             y = reference_outputs(dense, b, gather(a, idx, xp=xp, dtype=dtype))   # [len·T, D]
@@ -263,7 +261,7 @@ def relative_errors(params, masks, groups, dense, acts, *, xp, dtype, targets=No
                 h = gather(acts[b], idx, xp=xp, dtype=dtype)
                 y_ref = (reference_outputs(dense, b, h) if targets is None
                          else gather(targets[b], idx, xp=xp, dtype=dtype))
-                diff = lowrank_mlp_forward(h, fc1, fc2)[0] - y_ref
+                diff = lowrank_mlp(h, fc1, fc2) - y_ref
                 if gamma is not None:
                     diff, y_ref = diff * gamma, y_ref * gamma
                 num, den = num + (diff * diff).sum(), den + (y_ref * y_ref).sum()

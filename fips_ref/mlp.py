@@ -19,7 +19,7 @@ def gelu(z):  # [..., F] -> [..., F]
     a = xp.empty(z.shape, z.dtype)
     z2, a2 = z.reshape(-1, z.shape[-1]), a.reshape(-1, z.shape[-1])    # [..., F] -> [M, F]
     for s in row_slabs(z2.shape[0], z2.shape[1], xp):
-        xp.multiply(z2[s], normal_cdf_pdf(z2[s])[0], out=a2[s])
+        xp.multiply(z2[s], normal_cdf_pdf(z2[s], pdf=False)[0], out=a2[s])
     return a
 
 
@@ -109,6 +109,12 @@ def dense_mlp(x, W1, b1, W2, b2):  # [M, D] -> [M, D]
     y = gelu(z) @ W2                   # [M, F] -> [M, D]
     y += b2
     return y
+
+
+def lowrank_mlp(x, fc1, fc2):  # [M, D] -> [M, D]
+    """Compressed MLP, forward only (evaluation): fc2(GELU(fc1(x))), each layer x @ A @ B + b."""
+    z = lowrank_forward(x, *fc1)[0]                  # [M, D] -> [M, F]
+    return lowrank_forward(gelu(z), *fc2)[0]         # [M, F] -> [M, D]
 
 
 def lowrank_mlp_forward(x, fc1, fc2, factored=None):  # [M, D] -> [M, D]

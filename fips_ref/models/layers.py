@@ -13,7 +13,7 @@ import numpy as np
 
 from ..backend import get_xp
 from ..checkpoint import InputError
-from ..mlp import dense_mlp, gelu, lowrank_forward
+from ..mlp import dense_mlp, lowrank_mlp
 
 class Model(NamedTuple):
     """A checkpoint made ready to run: parsed config, math-layout weights, one MLP per block."""
@@ -101,10 +101,8 @@ def dense_mlp_fn(W1, b1, W2, b2):  # W1 [D, F], W2 [F, D] -> callable [..., D] -
 def factored_mlp_fn(fc1, fc2):  # ((A1, B1, b1), (A2, B2, b2)) -> callable [..., D] -> [..., D]
     """Compressed MLP: each layer y = x @ A @ B + b by mlp.lowrank_forward's cheaper order."""
     def mlp(h):  # [..., D] -> [..., D]
-        x = h.reshape(-1, h.shape[-1])                   # [..., D] -> [M, D]
-        z = lowrank_forward(x, *fc1)[0]                  # [M, D] -> [M, F]
-        y = lowrank_forward(gelu(z), *fc2)[0]            # [M, F] -> [M, D]
-        return y.reshape(h.shape[:-1] + (y.shape[-1],))  # [M, D] -> [..., D]
+        y = lowrank_mlp(h.reshape(-1, h.shape[-1]), fc1, fc2)   # [..., D] -> [M, D]
+        return y.reshape(h.shape[:-1] + (y.shape[-1],))         # [M, D] -> [..., D]
     return mlp
 
 
