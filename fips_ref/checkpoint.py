@@ -149,7 +149,20 @@ def _tensor(ckpt, key, shape=None, ndim=None):
     return a
 
 
-_MLP_KEY = re.compile(r"^(blocks\.\d+|layers\.\d+\.blocks\.\d+)\.mlp\.fc[12]\.(weight|bias)$")
+_BLOCK_KEY = re.compile(r"^(blocks\.\d+|layers\.\d+\.blocks\.\d+)\.")
+_STAGE_KEY = re.compile(r"^layers\.(\d+)\.")
+
+
+def refuse_undeclared_blocks(path, keys, prefixes):
+    """A key of a block (``blocks.i`` / ``layers.s.blocks.j``) or Swin stage that is not among
+    the config's block ``prefixes`` means config and tensors disagree."""
+    prefixes = set(prefixes)
+    stages = {p.split(".")[1] for p in prefixes if p.startswith("layers.")}
+    for key in keys:
+        m, st = _BLOCK_KEY.match(key), _STAGE_KEY.match(key)
+        if (m and m.group(1) not in prefixes) or (st and st.group(1) not in stages):
+            raise InputError(f"{path}: key {key!r} belongs to no block of the config "
+                             f"({len(prefixes)} blocks; check depth/depths)")
 
 
 def _check_no_stray_mlp_keys(ckpt, blocks):
@@ -157,12 +170,8 @@ def _check_no_stray_mlp_keys(ckpt, blocks):
 
     Other MLPs (e.g. timm's ``attn_pool.mlp``) are not block MLPs: they pass through untouched.
     """
-    known = {b.prefix for b in blocks}
-    for k in ckpt.tensors:
-        m = _MLP_KEY.match(k)
-        if m and m.group(1) not in known:
-            raise InputError(f"{ckpt.path}: key {k!r} belongs to no block of the config "
-                             f"({len(blocks)} blocks)")
+    mlp_keys = [k for k in ckpt.tensors if re.search(r"\.mlp\.fc[12]\.(weight|bias)$", k)]
+    refuse_undeclared_blocks(ckpt.path, mlp_keys, [b.prefix for b in blocks])
 
 
 def save_npz_atomic(path, arrays):

@@ -10,12 +10,10 @@ The MLP of each block is looked up from ``Model.mlps`` ({global block index: cal
 a compressed checkpoint (``"fips"`` in ``ckpt.extra``) or a test can swap in factored weights.
 See docs/models.md for the timm conventions each function implements.
 """
-import re
-
 import numpy as np
 
 from ..backend import load_backend, to_numpy
-from ..checkpoint import Checkpoint, InputError, load_checkpoint
+from ..checkpoint import Checkpoint, InputError, load_checkpoint, refuse_undeclared_blocks
 from . import swin, vit
 from .layers import (Model, check_shapes, dense_mlp_fn, dense_mlp_keys,
                      dense_mlp_shapes, factored_mlp_fn, math_layout, refuse_keys, tapped)
@@ -67,7 +65,7 @@ def prepare_model(checkpoint, *, dtype=None, xp=None):
     arch = ARCHS[arch_name]
     cfg = arch.parse_config(ckpt.path, ckpt.config)
     refuse_keys(ckpt.path, ckpt.tensors, arch.REFUSED)
-    refuse_stray_blocks(ckpt.path, ckpt.tensors, arch.blocks(cfg))
+    refuse_undeclared_blocks(ckpt.path, ckpt.tensors, [prefix for prefix, _ in arch.blocks(cfg)])
     shapes, optional = arch.param_shapes(cfg)
     if arch_name == "vit":
         vit.check_pos_embed(ckpt.path, ckpt.tensors, cfg)
@@ -75,21 +73,6 @@ def prepare_model(checkpoint, *, dtype=None, xp=None):
     params = math_layout(ckpt.tensors, shapes, xp=xp, dtype=dtype)
     mlps = build_mlps(ckpt, arch.blocks(cfg), params, xp=xp, dtype=dtype)
     return Model(arch_name, cfg, params, mlps, xp, dtype, ckpt.path)
-
-
-_BLOCK_KEY = re.compile(r"^(blocks\.\d+|layers\.\d+\.blocks\.\d+)\.")
-_STAGE_KEY = re.compile(r"^layers\.(\d+)\.")
-
-
-def refuse_stray_blocks(path, tensors, block_list):
-    """A block (or Swin stage) the config does not declare: config and tensors disagree."""
-    prefixes = {prefix for prefix, _ in block_list}
-    stages = {prefix.split(".")[1] for prefix, _ in block_list if prefix.startswith("layers.")}
-    for key in tensors:
-        m, st = _BLOCK_KEY.match(key), _STAGE_KEY.match(key)
-        if (m and m.group(1) not in prefixes) or (st and st.group(1) not in stages):
-            raise InputError(f"{path}: key {key!r} belongs to no block of the config "
-                             f"({len(block_list)} blocks; check depth/depths)")
 
 
 def resolve_dtype(dtype):
