@@ -20,6 +20,14 @@ class InputError(ValueError):
     """Bad user input (file, key or flag). The message is one line; CLIs exit with code 2."""
 
 
+def error_line(e, path=""):
+    """The CLIs' one 'error: ...' line for an InputError, or an OSError of a file that cannot be
+    read or written (named by the error, else ``path``)."""
+    if isinstance(e, OSError):
+        return f"error: {e.filename or path}: {e.strerror or e}"
+    return f"error: {e}"
+
+
 @dataclass
 class Checkpoint:
     """A loaded checkpoint: tensors in PyTorch layout under timm keys, and the parsed config."""

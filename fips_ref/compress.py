@@ -18,7 +18,7 @@ from . import __version__
 from .backend import BackendError, device_name, load_backend, peak_device_bytes
 from .budget import storage_bits
 from .calib import ActivationStore, DiskArray, load_calib_acts, save_acts, synthetic_acts
-from .checkpoint import InputError, find_mlp_blocks, json_entry, load_checkpoint, save_json_atomic, save_npz_atomic
+from .checkpoint import InputError, error_line, find_mlp_blocks, json_entry, load_checkpoint, save_json_atomic, save_npz_atomic
 from .codec import encode
 from .local_stage import FiPSConfig, config_dict, plan_groups, run_local_stage
 from .sharing import STRATEGIES, check_groups, default_groups, parse_groups
@@ -387,11 +387,8 @@ def main(argv=None):
     try:
         with np.errstate(all="ignore"):          # a diverging run is reported once, by the loss check
             report = run(args, log)
-    except (InputError, BackendError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:                        # a file that cannot be written (disk full, rights)
-        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+    except (InputError, BackendError, OSError) as e:    # OSError: a file that cannot be written
+        print(error_line(e), file=sys.stderr)
         return 2
     print("\n".join(summary(report)))
     return 0

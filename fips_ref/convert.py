@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 
-from .checkpoint import InputError, json_entry, load_checkpoint, save_npz_atomic, write_atomic
+from .checkpoint import InputError, error_line, json_entry, load_checkpoint, save_npz_atomic, write_atomic
 from .timm_configs import expected_shapes, is_dropped_buffer, timm_config
 
 # safetensors dtype -> little-endian NumPy dtype it is read as (BF16 as raw uint16).
@@ -286,11 +286,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         print(run(args))
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # e.g. the output folder does not exist or is not writable
-        print(f"error: {e.filename or args.output}: {e.strerror or e}", file=sys.stderr)
+    except (InputError, OSError) as e:     # OSError: e.g. an output folder that is not writable
+        print(error_line(e, args.output), file=sys.stderr)
         return 2
     return 0
 

@@ -5,7 +5,7 @@ framework loads; its MLPs compute exactly what the compressed factors compute.
 """
 import sys
 
-from .checkpoint import InputError, json_entry, load_checkpoint, save_npz_atomic
+from .checkpoint import InputError, error_line, json_entry, load_checkpoint, save_npz_atomic
 from .codec import decompressed_tensors, fips_meta
 from .compress import OneLineParser, parse
 
@@ -29,11 +29,8 @@ def main(argv=None):
         return code
     try:
         decompress(args.compressed, args.dense)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:                        # the destination cannot be written
-        print(f"error: {e.filename or args.dense}: {e.strerror or e}", file=sys.stderr)
+    except (InputError, OSError) as e:     # OSError: the destination cannot be written
+        print(error_line(e, args.dense), file=sys.stderr)
         return 2
     print(f"wrote {args.dense}")
     return 0

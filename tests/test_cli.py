@@ -378,3 +378,16 @@ def test_decompress_malformed_metadata_and_unwritable_destination(tmp_path, vit,
     code, _, err = run_cli(capsys, [str(tmp_path / "m.npz"), str(tmp_path / "d.npz")], main=decompress_main)
     assert_usage_error(code, err, "malformed")
     assert not (tmp_path / "d.npz").exists()
+
+
+def test_block_mlp_outside_the_config_is_refused_other_mlps_pass(tmp_path, vit, capsys):
+    extra = np.zeros((64, 16), np.float32)
+    stray = write(tmp_path / "s.npz", config=json_entry(vit.config),
+                  **{**vit.tensors, "blocks.4.mlp.fc1.weight": extra})
+    code, _, err = run_cli(capsys, [stray, "--synthetic-samples", "8"] + FAST)
+    assert_usage_error(code, err, "blocks.4.mlp.fc1.weight", "no block")
+    pool = write(tmp_path / "p.npz", config=json_entry(vit.config),
+                 **{**vit.tensors, "attn_pool.mlp.fc1.weight": extra})
+    out = tmp_path / "p.fips.npz"
+    assert run_cli(capsys, [pool, "--synthetic-samples", "8", "--out", str(out)] + FAST)[0] == 0
+    assert np.array_equal(load_checkpoint(out).tensors["attn_pool.mlp.fc1.weight"], extra)
