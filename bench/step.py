@@ -189,7 +189,6 @@ class Problem:
                         if args.targets == "cache" else None)
         self.rng = rng
         self.m = m
-        self.step_no = 0
 
     def batch(self):
         return self.rng.permutation(2 * self.m)[: self.m]

@@ -391,3 +391,17 @@ def test_block_mlp_outside_the_config_is_refused_other_mlps_pass(tmp_path, vit, 
     out = tmp_path / "p.fips.npz"
     assert run_cli(capsys, [pool, "--synthetic-samples", "8", "--out", str(out)] + FAST)[0] == 0
     assert np.array_equal(load_checkpoint(out).tensors["attn_pool.mlp.fc1.weight"], extra)
+
+
+def test_report_that_cannot_be_written_removes_the_output(tmp_path, vit, capsys, monkeypatch):
+    """All or nothing: the report fails after the .fips.npz was written, so it is deleted again."""
+    import fips_ref.compress as compress_mod
+
+    def fail(path, obj):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(compress_mod, "save_json_atomic", fail)
+    out = tmp_path / "c.npz"
+    code, _, err = run_cli(capsys, [vit.path, "--synthetic-samples", "8", "--out", str(out),
+                                    "--report", str(tmp_path / "r.json")] + FAST)
+    assert_usage_error(code, err, "r.json", "Permission denied")
+    assert not out.exists() and fips_outputs(tmp_path) == []

@@ -42,7 +42,6 @@ no LayerScale, no dropout. Parameter names are timm's.
 """
 import argparse
 import hashlib
-import json
 import os
 import sys
 import time
@@ -325,7 +324,7 @@ def cmd_train(args):
 # record (numpy + fips_ref only)
 
 def cmd_record(args):
-    from fips_ref.checkpoint import load_checkpoint, parse_json_entry
+    from fips_ref.checkpoint import load_checkpoint
     from fips_ref.models import forward
 
     config = load_checkpoint(CKPT).config
