@@ -1,4 +1,4 @@
-"""AdamW with torch.optim.AdamW semantics, and the cosine learning-rate schedule (fips-spec §4.4).
+"""AdamW with torch.optim.AdamW semantics, and the cosine learning-rate schedule (docs/authors-code.md §4.4).
 
 State is a plain dataclass of dicts you can print. The update works in place on the parameter
 and moment arrays (as torch.optim does): at DeiT-B scale a functional copy of every tensor per
@@ -29,7 +29,7 @@ def adamw_step(params, grads, state, lr, *, betas=(0.9, 0.999), eps=9.999e-9, we
     g ← g ⊙ M_grad;  p ← p·(1 − lr·λ);  m ← m + (1−β₁)(g − m);  v ← β₂v + (1−β₂)g²;
     p ← p − (lr / (1−β₁ᵗ)) · m / (√v / √(1−β₂ᵗ) + ε);  m, v ← m ⊙ M_mom, v ⊙ M_mom
 
-    The masks ({key: bool array}, keys without one are dense) are sparsimony's, fips-spec §5.1:
+    The masks ({key: bool array}, keys without one are dense) are sparsimony's, docs/authors-code.md §5.1:
     the stored V gets the gradient of V ⊙ M for the mask the forward used, and a post-step hook
     zeroes the moments of the entries inactive after this step's mask update. They are applied
     here, row slab by row slab (backend.row_slabs), so every array is read and written once.

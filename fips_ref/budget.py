@@ -1,4 +1,4 @@
-"""Rank from a parameter budget, parameter counts and storage bits (paper §3, fips-spec §2 and §6).
+"""Rank from a parameter budget, parameter counts and storage bits (paper §3, docs/authors-code.md §2 and §6).
 
 Notation: d rows of the shared basis U, D total columns of the concatenated matrix C [d, D],
 r rank, p budget, s sparsity of V, δ = 1 − s density.
@@ -6,7 +6,7 @@ r rank, p budget, s sparsity of V, δ = 1 − s density.
 
 
 def sparse_rank(n_blocks, d, budget, sparsity, n_fc=2, round_to=None, mlp_ratio=4):
-    """Authors' ``compute_sparse_r`` (fips-spec §2): the largest r with d·r + δ·r·D ≤ p·d·D.
+    """Authors' ``compute_sparse_r`` (docs/authors-code.md §2): the largest r with d·r + δ·r·D ≤ p·d·D.
 
     Evaluated in exactly the authors' floating-point order, then truncated with int(); with
     ``round_to`` (the authors' LLM ``structured_sparsity`` rounding) r becomes a multiple of it.

@@ -79,7 +79,7 @@ def build_parser():
     src.add_argument("--calib", help="folder of calibration images, recorded through the model's forward")
     io.add_argument("--calib-images", type=POSITIVE_INT, help="use at most this many calibration images")
     io.add_argument("--calib-augment", action="store_true",
-                    help="authors' training augmentation for calibration images (fips-spec §4.1)")
+                    help="authors' training augmentation for calibration images (docs/authors-code.md §4.1)")
     io.add_argument("--skip-bad-images", action="store_true",
                     help="skip calibration images Pillow cannot read (a warning each) instead of failing")
     io.add_argument("--save-acts", help="keep the recorded MLP inputs in this .npz for --calib-acts")
@@ -90,7 +90,7 @@ def build_parser():
     io.add_argument("--synthetic-samples", type=POSITIVE_INT, default=256,
                     help="samples per block synthesised from norm2 when no calibration data is given")
     io.add_argument("--eval-data", help="images+labels .npz or labelled folder: accuracy before/after")
-    a = p.add_argument_group("FiPS (paper §3; fips-spec §1-§3)")
+    a = p.add_argument_group("FiPS (paper §3; docs/authors-code.md §1-§3)")
     a.add_argument("--budget", type=ranged(0, 1, lo_open=True), default=d.budget,
                    help="fraction of MLP weights kept (U + nnz V)")
     a.add_argument("--sparsity", type=ranged(0, 1, hi_open=True), default=d.sparsity, help="target sparsity of V")
@@ -110,7 +110,7 @@ def build_parser():
                    help="one magnitude threshold over every V (every vision config)")
     g.add_argument("--uniform-pruning", dest="global_pruning", action="store_false",
                    help="per-layer threshold (the paper's 'local pruning')")
-    t = p.add_argument_group("optimisation (fips-spec §4.4, §5)")
+    t = p.add_argument_group("optimisation (docs/authors-code.md §4.4, §5)")
     t.add_argument("--epochs", type=POSITIVE_INT, default=d.epochs, help="authors: 20")
     t.add_argument("--batch-size", type=POSITIVE_INT, default=d.batch_size, help="samples per step (authors: 128)")
     t.add_argument("--lr", type=ranged(0, 10, lo_open=True), default=d.lr,

@@ -6,7 +6,7 @@ Dimension legend: B batch, C channels, H/W image height/width, K classes.
   index in sorted order, as torchvision ``ImageFolder``) or a flat folder (no labels).
 - ``eval_transform``: timm ``transforms_imagenet_eval`` (crop_mode 'center'):
   Resize(floor(size / crop_pct)) on the shorter side, CenterCrop(size), ToTensor, Normalize.
-- ``train_transform``: the FiPS calibration augmentation (fips-spec §4.1): Resize the shorter
+- ``train_transform``: the FiPS calibration augmentation (docs/authors-code.md §4.1): Resize the shorter
   side to 256 or 480 (random), RandomCrop(224), horizontal flip p = 0.5, Normalize.
 - ``load_images`` / ``iter_image_batches``: decode + transform into float32 [B, C, H, W].
 """
@@ -198,7 +198,7 @@ def train_scales(size):
 
 def train_transform(img, *, rng, size=TRAIN_CROP, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                     interpolation="bilinear", in_chans=3):  # PIL -> [C, S, S]
-    """FiPS calibration augmentation (fips-spec §4.1): random resize, RandomCrop, flip.
+    """FiPS calibration augmentation (docs/authors-code.md §4.1): random resize, RandomCrop, flip.
 
     The authors' ``transforms.Resize`` uses torchvision's default (bilinear) interpolation.
     Draws, in order: the scale (``rng.integers(2)``), the crop top and left, the flip.

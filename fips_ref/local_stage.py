@@ -1,4 +1,4 @@
-"""The local (block-wise) error minimisation of FiPS (paper §3 "Local error minimisation", fips-spec §4).
+"""The local (block-wise) error minimisation of FiPS (paper §3 "Local error minimisation", docs/authors-code.md §4).
 
 Letters: M tokens in a batch, D model width, F hidden width, R rank.
 
@@ -9,7 +9,7 @@ recorded MLP inputs h_b (the norm2 output). The loss is
 
 with γ_b the block's LayerScale ls2.gamma (1 without LayerScale). For a pre-norm block with
 frozen attention and teacher-forced inputs this equals the authors' whole-block output MSE
-(fips-spec §4.3). One step is: backward → mask update → AdamW step → LR step.
+(docs/authors-code.md §4.3). One step is: backward → mask update → AdamW step → LR step.
 
 Entry point for users and cross-checks: ``run_local_stage``.
 """
@@ -26,7 +26,7 @@ from .sharing import build_groups, concat_group, layer_factors, split_v, svd_ini
 from .sparsity import (SPARSIFIERS, cubic_sparsity, density, initial_masks, prune_to,
                        rigl_drop_fraction, rigl_update)
 
-AUTHORS_STEPS = 600          # 20 epochs × 30 batches (fips-spec §4.1)
+AUTHORS_STEPS = 600          # 20 epochs × 30 batches (docs/authors-code.md §4.1)
 AUTHORS_T_ACCEL = 240        # swin_large_config.yaml, of 600 steps
 AUTHORS_DELTA_T = 50         # every vision config, of 600 steps
 
@@ -97,7 +97,7 @@ class LocalResult:
 
 # ----------------------------------------------------------------------------- initialisation
 def plan_groups(cfg, blocks, groups):
-    """The groups with their ranks from the budget (fips-spec §2); InputError if a rank is < 1."""
+    """The groups with their ranks from the budget (docs/authors-code.md §2); InputError if a rank is < 1."""
     rank_sparsity = 0.0 if cfg.sparsifier == "dense" else cfg.sparsity   # B12: dense keeps the budget
     return build_groups(blocks, groups, budget=cfg.budget, sparsity=rank_sparsity,
                         strategy=cfg.strategy, round_to=cfg.round_to or None)
@@ -142,7 +142,7 @@ def compressed_layers(params, masks, group, block):
 
 
 def block_loss_and_grads(h, y_ref, gamma, fc1, fc2):  # h, y_ref [M, D]
-    """mean((γ ⊙ (mlp_c(h) − y_ref))²) and its gradients w.r.t. fc1, fc2 factors (fips-spec §4.3)."""
+    """mean((γ ⊙ (mlp_c(h) − y_ref))²) and its gradients w.r.t. fc1, fc2 factors (docs/authors-code.md §4.3)."""
     y, cache = lowrank_mlp_forward(h, fc1, fc2)                  # [M, D]
     e = y
     e -= y_ref                                                   # Δy, in place: y is ours
@@ -181,7 +181,7 @@ def loss_and_grads(params, masks, groups, inputs, targets, gammas):
 
 # ----------------------------------------------------------------------------- sparsifier steps
 def sparsifier_masks(cfg, sched, V):
-    """prepare(): initial masks of each sparsifier (fips-spec §5.2–5.5); {} for dense."""
+    """prepare(): initial masks of each sparsifier (docs/authors-code.md §5.2–5.5); {} for dense."""
     start = {"dense": None, "static": cfg.sparsity, "rigl": cfg.sparsity, "gmp": sched.gmp_initial}
     s = start[cfg.sparsifier]
     return {} if s is None else initial_masks(V, s, global_pruning=cfg.global_pruning)
@@ -212,7 +212,7 @@ def sparsifier_step(cfg, sched, step, params, masks, dense_grads):
 
 # ----------------------------------------------------------------------------- batches
 def epoch_batches(n, batch_size, epochs, seed):
-    """Authors' order: a fresh permutation per epoch, n // batch_size full batches (fips-spec §4.3)."""
+    """Authors' order: a fresh permutation per epoch, n // batch_size full batches (docs/authors-code.md §4.3)."""
     rng = np.random.default_rng(seed)
     return [[perm[i * batch_size:(i + 1) * batch_size] for i in range(n // batch_size)]
             for perm in (rng.permutation(n) for _ in range(epochs))]
@@ -281,7 +281,7 @@ class TrainState:
 
 
 def local_step(state, cfg, sched, plan, inputs, targets, gammas):
-    """One step of the local stage (fips-spec §4.3): backward → mask update → AdamW → LR.
+    """One step of the local stage (docs/authors-code.md §4.3): backward → mask update → AdamW → LR.
 
     ``inputs``, ``targets``: {block: [M, D]} of this step's samples. Updates ``state`` in place
     and returns (loss, lr used); the loss stays on the backend (no device sync).

@@ -1,4 +1,4 @@
-"""Sharing groups, the concatenated weight matrix C and its SVD initialisation (paper §3, fips-spec §1, §3).
+"""Sharing groups, the concatenated weight matrix C and its SVD initialisation (paper §3, docs/authors-code.md §1, §3).
 
 Letters: D model width, F hidden width, n blocks in a group, R rank.
 
@@ -39,7 +39,7 @@ class Group:
     rows: int
     cols: int
     rank: int
-    layers: tuple       # fc1_b0, fc2_b0, fc1_b1, fc2_b1, ... (fips-spec §1.2)
+    layers: tuple       # fc1_b0, fc2_b0, fc1_b1, fc2_b1, ... (docs/authors-code.md §1.2)
 
 
 # ----------------------------------------------------------------------------- groups
@@ -89,7 +89,7 @@ def check_groups(groups, blocks):
 
 # ----------------------------------------------------------------------------- plan
 def build_groups(blocks, groups, *, budget, sparsity, strategy="long", round_to=None):
-    """Group descriptors with ranks from the budget (fips-spec §2)."""
+    """Group descriptors with ranks from the budget (docs/authors-code.md §2)."""
     by_index = {b.index: b for b in blocks}
     out = []
     for gi, ids in enumerate(groups):
@@ -121,7 +121,7 @@ def layer_block(w_torch, layer):  # PyTorch [out, in] -> the layer's [rows, cols
 
 
 def concat_group(weights, group):  # -> [rows, 2n·cols]
-    """C of a group (fips-spec §1.2), float64 on the host; ``weights[key]`` are PyTorch-layout."""
+    """C of a group (docs/authors-code.md §1.2), float64 on the host; ``weights[key]`` are PyTorch-layout."""
     return np.concatenate([np.asarray(layer_block(weights[f"{l.key}.weight"], l), np.float64)
                            for l in group.layers], axis=1)
 

@@ -1,4 +1,4 @@
-"""Sparsity of the V slices: schedules, exact top-k masks, GMP pruning and RigL (fips-spec §5).
+"""Sparsity of the V slices: schedules, exact top-k masks, GMP pruning and RigL (docs/authors-code.md §5).
 
 Masks are bool arrays under the same keys as the V they mask. Selection is either *global*
 (one threshold over the flat concatenation of every V in the model, in layer order) or
@@ -14,7 +14,7 @@ SPARSIFIERS = ("dense", "static", "gmp", "rigl")
 
 # ----------------------------------------------------------------------------- schedules
 def cubic_sparsity(step, *, t_end, delta_t, t_accel, initial, accelerated, final, variant="authors"):
-    """AcceleratedCubicScheduler value at the k-th sparsifier step (fips-spec §5.3), or None.
+    """AcceleratedCubicScheduler value at the k-th sparsifier step (docs/authors-code.md §5.3), or None.
 
     authors: final + (accel − final)·(1 − (k − t_accel)/t_end)³  (never reaches ``final``);
     paper:   the same with denominator (t_end − t_accel)           (reaches ``final`` at t_end).

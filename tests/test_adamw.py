@@ -1,4 +1,4 @@
-"""Tests of fips_ref.adamw: torch AdamW semantics, moment masking and the cosine schedule (fips-spec §4.4, §5.1).
+"""Tests of fips_ref.adamw: torch AdamW semantics, moment masking and the cosine schedule (docs/authors-code.md §4.4, §5.1).
 
 The scalar oracle below is written from the torch.optim.AdamW formula, element by element in
 Python floats, independently of the vectorised update.
@@ -94,7 +94,7 @@ def test_adamw_init_zero_moments_not_aliasing():
 
 def test_masks_zero_inactive_moments_and_mask_the_gradient(xp):
     """moment_masks zeroes exactly the inactive moments after the update; grad_masks equals
-    passing g ⊙ M; keys without a mask are dense (fips-spec §5.1)."""
+    passing g ⊙ M; keys without a mask are dense (docs/authors-code.md §5.1)."""
     rng = np.random.default_rng(3)
     params = {"V": rng.standard_normal((40, 6)), "b": rng.standard_normal(6)}
     grads = [{k: rng.standard_normal(p.shape) for k, p in params.items()} for _ in range(2)]
@@ -139,7 +139,7 @@ def _tiny(rng, d=8, n_blocks=2, n=32, tokens=2):
 
 @pytest.mark.parametrize("sparsifier", ["static", "gmp"])
 def test_inactive_v_entries_decay_under_local_stage(xp, sparsifier):
-    """One local-stage step: an inactive stored V entry becomes init × (1 − lr·wd) (fips-spec §5.1)."""
+    """One local-stage step: an inactive stored V entry becomes init × (1 − lr·wd) (docs/authors-code.md §5.1)."""
     weights, blocks, acts = _tiny(np.random.default_rng(4))
     cfg = FiPSConfig(budget=0.3, sparsity=0.75, sparsifier=sparsifier, epochs=1, batch_size=32,
                      lr=1e-2, weight_decay=0.05, gmp_initial=0.5)
@@ -170,7 +170,7 @@ def test_cosine_lr_closed_form():
 
 
 def test_cosine_lr_matches_torch_recursion():
-    """fips-spec §4.4: the closed form equals torch's CosineAnnealingLR to ~1e-15."""
+    """docs/authors-code.md §4.4: the closed form equals torch's CosineAnnealingLR to ~1e-15."""
     torch = pytest.importorskip("torch")
     w = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
     opt = torch.optim.SGD([w], lr=1e-3)

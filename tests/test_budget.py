@@ -1,6 +1,6 @@
 """Tests of fips_ref.budget: the authors' rank formula, budget accounting and storage bits.
 
-Published numbers are the tables of fips-spec §2 and §6 (s = 0.75); everything else is a
+Published numbers are the tables of docs/authors-code.md §2 and §6 (s = 0.75); everything else is a
 property checked in exact rational arithmetic (Fraction of the float inputs).
 """
 from fractions import Fraction
@@ -16,16 +16,16 @@ from fips_ref.codec import encode
 from fips_ref.local_stage import FiPSConfig, run_local_stage
 
 BUDGETS = (0.10, 0.25, 0.40, 0.50, 0.75)
-DEIT_RANKS = (273, 682, 1092, 1365, 2048)                  # fips-spec §2, n = 4, d = 768
+DEIT_RANKS = (273, 682, 1092, 1365, 2048)                  # docs/authors-code.md §2, n = 4, d = 768
 DEIT_ACHIEVED = (0.09998, 0.24976, 0.3999, 0.49988, 0.75)   # (U + int(δ·V)) / orig, as printed
 SWIN_GROUPS = ((192, 2), (384, 2), (768, 6), (768, 6), (768, 6), (1536, 2))   # (d, n)
-SWIN_RANKS = {                                               # fips-spec §2, per (d, n)
+SWIN_RANKS = {                                               # docs/authors-code.md §2, per (d, n)
     (192, 2): (61, 153, 245, 307, 460),
     (384, 2): (122, 307, 491, 614, 921),
     (768, 6): (283, 708, 1134, 1417, 2126),
     (1536, 2): (491, 1228, 1966, 2457, 3686),
 }
-STORAGE = {"deit": (0.1222, 0.3053, 0.4888, 0.6110, 0.9167),   # fips-spec §6 at s = 0.75
+STORAGE = {"deit": (0.1222, 0.3053, 0.4888, 0.6110, 0.9167),   # docs/authors-code.md §6 at s = 0.75
            "swin": (0.1219, 0.3049, 0.4882, 0.6101, 0.9153)}
 DEIT_GROUPS = ((768, 4),) * 3
 
@@ -43,7 +43,7 @@ def test_sparse_rank_swin_table(dn):
 
 
 def test_original_mlp_weight_counts():
-    """fips-spec §2: DeiT-B 56,623,104 and Swin-L 125,632,512 MLP weights (d·D per group)."""
+    """docs/authors-code.md §2: DeiT-B 56,623,104 and Swin-L 125,632,512 MLP weights (d·D per group)."""
     assert sum(d * 8 * n * d for d, n in DEIT_GROUPS) == 56_623_104
     assert sum(d * 8 * n * d for d, n in SWIN_GROUPS) == 125_632_512
 

@@ -52,7 +52,7 @@ def test_default_run_compresses_the_bundled_demo(tmp_path):
     assert rep["calibration"]["path"] == str(DEMO_ACTS)
     assert rep["accuracy"]["top1_before"] > 0.9
     assert rep["accuracy"]["top1_after"] > rep["accuracy"]["top1_before"] - 0.05
-    # authors' GMP stops short of --sparsity 0.75 (fips-spec §5.3), so the budget ends above 0.5:
+    # authors' GMP stops short of --sparsity 0.75 (docs/authors-code.md §5.3), so the budget ends above 0.5:
     # the final sparsity is the schedule's value at its last update, and the budget follows from it
     sch = rep["schedule"]
     last = sch["t_end"] - sch["t_end"] % sch["delta_t"]

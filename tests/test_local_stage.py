@@ -1,4 +1,4 @@
-"""Tests of fips_ref.local_stage: the whole local stage on tiny models (fips-spec §4, §5).
+"""Tests of fips_ref.local_stage: the whole local stage on tiny models (docs/authors-code.md §4, §5).
 
 Tiny ViT-like MLPs (d = 8, F = 32), weights as timm keys in PyTorch layout, activations of
 64 samples × 2 tokens. Expected sparsity histories are recomputed step by step from the

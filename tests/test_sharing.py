@@ -1,4 +1,4 @@
-"""Tests of fips_ref.sharing: SVD initialisation, the concatenated matrix C, groups (fips-spec §1, §3).
+"""Tests of fips_ref.sharing: SVD initialisation, the concatenated matrix C, groups (docs/authors-code.md §1, §3).
 
 SVD factors are unique only up to sign, so reconstructions U @ V are compared, plus the
 sign-independent structure of the grown part (zero U columns, V rows copied from the top).
@@ -159,7 +159,7 @@ def test_layer_factors_reproduce_math_weights_at_full_rank(strategy, extra):
 
 
 def test_build_groups_ranks_swin_large():
-    """fips-spec §2: Swin-L ranks at p = 0.4 are 245, 491, 1134 ×3, 1966 (groups of the authors)."""
+    """docs/authors-code.md §2: Swin-L ranks at p = 0.4 are 245, 491, 1134 ×3, 1966 (groups of the authors)."""
     groups = parse_groups("0-1,2-3,4-9,10-15,16-21,22-23")
     plan = build_groups(_swin_l_blocks(), groups, budget=0.4, sparsity=0.75)
     assert [g.rank for g in plan] == [245, 491, 1134, 1134, 1134, 1966]

@@ -1,4 +1,4 @@
-"""Tests of fips_ref.sparsity: schedules, exact top-k masks, magnitude pruning and RigL (fips-spec §5).
+"""Tests of fips_ref.sparsity: schedules, exact top-k masks, magnitude pruning and RigL (docs/authors-code.md §5).
 
 Top-k semantics are checked against an independent oracle: a stable sort by (−score, index),
 i.e. the k largest scores, ties to the lower (flat, concatenated) index.
@@ -15,7 +15,7 @@ from fips_ref.sparsity import (cubic_sparsity, density, initial_masks, keep_coun
 
 
 # ----------------------------------------------------------------------------- GMP schedule
-GMP_CONFIGS = [  # fips-spec §5.3: (t_accel, t_end, initial, accel, final, sparsity at t_end)
+GMP_CONFIGS = [  # docs/authors-code.md §5.3: (t_accel, t_end, initial, accel, final, sparsity at t_end)
     (240, 450, 0.05, 0.5, 0.75, 0.7121),     # swin_large yaml
     (150, 900, 0.05, 0.5, 0.75, 0.7488),     # swin_base yaml
     (150, 450, 0.25, 0.5, 0.75, 0.7407),     # paper A.2.2 reading
@@ -75,7 +75,7 @@ def test_cubic_sparsity_monotone_on_grid(t_end, frac, delta_t, lvl, variant):
 
 # ----------------------------------------------------------------------------- RigL schedule
 RIGL_TABLE = {50: 0.09698, 100: 0.0883, 150: 0.075, 200: 0.05868, 250: 0.04132, 300: 0.025,
-              350: 0.0117, 400: 0.00302, 450: 0.0}   # fips-spec §5.5, q = 0.1, t_end = 450
+              350: 0.0117, 400: 0.00302, 450: 0.0}   # docs/authors-code.md §5.5, q = 0.1, t_end = 450
 
 
 def test_rigl_drop_fraction_table():
@@ -290,7 +290,7 @@ def test_rigl_rounding_of_target():
 
 @pytest.mark.parametrize("glob", [True, False])
 def test_rigl_lands_on_target_from_denser_masks(xp, glob):
-    """Masks denser than s (a GMP checkpoint at 0.74, fips-spec §7): one update lands exactly on s."""
+    """Masks denser than s (a GMP checkpoint at 0.74, docs/authors-code.md §7): one update lands exactly on s."""
     rng = np.random.default_rng(5)
     V = _random_v(rng, [(8, 32), (8, 32), (6, 20)])
     grads = {k: rng.standard_normal(v.shape) for k, v in V.items()}
