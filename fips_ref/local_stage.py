@@ -299,7 +299,8 @@ def local_step(state, cfg, sched, plan, inputs, targets, gammas):
 
 # ----------------------------------------------------------------------------- the run
 def run_local_stage(weights, acts, groups, cfg=FiPSConfig(), *, blocks, batch_order=None,
-                    xp=np, dtype=np.float32, targets="cache", log=None, log_every=10, errors=True):
+                    xp=np, dtype=np.float32, targets="cache", log=None, log_every=10, errors=True,
+                    callback=None):
     """Run the whole local stage of FiPS on in-memory weights and recorded MLP inputs.
 
     Parameters
@@ -324,6 +325,12 @@ def run_local_stage(weights, acts, groups, cfg=FiPSConfig(), *, blocks, batch_or
         ``{block: array like acts}`` (see ``cached_targets``).
     log : callable, optional
         ``log(step, total_steps, epoch, loss, sparsity)`` every ``log_every`` steps.
+    callback : callable, optional
+        ``callback(state, loss, lr)`` after every step, to compare another implementation step
+        by step: ``state`` is the live TrainState after the step (``params``, ``masks`` after
+        this step's mask update, ``adam.m``/``adam.v``/``adam.step`` AdamW moments, ``step``
+        steps taken), ``loss`` the step's loss (before its update, on the backend) and ``lr``
+        the learning rate the step used. Arrays are updated in place later: copy what you keep.
 
     Returns
     -------
@@ -367,6 +374,8 @@ def run_local_stage(weights, acts, groups, cfg=FiPSConfig(), *, blocks, batch_or
                 y_ref = {b: gather(targets[b], idx, xp=xp, dtype=dtype) for b in dense}
             masks_before = state.masks
             loss, lr = local_step(state, cfg, sched, plan, inputs, y_ref, gammas)
+            if callback is not None:
+                callback(state, loss, lr)
             if state.masks is not masks_before:
                 sparsity_now = 1.0 - density(state.masks)
             hist["loss"].append(loss)

@@ -18,7 +18,8 @@ import pytest
 from fips_ref.adamw import cosine_lr
 from fips_ref.budget import sparse_rank
 from fips_ref.checkpoint import MLPBlock, block_prefixes
-from fips_ref.local_stage import FiPSConfig, Schedule, _rigl_gradients, sparsifier_masks, sparsifier_step
+from fips_ref.local_stage import (FiPSConfig, Schedule, _rigl_gradients, run_local_stage,
+                                  sparsifier_masks, sparsifier_step)
 from fips_ref.sharing import build_groups, svd_init
 from fips_ref.sparsity import cubic_sparsity, initial_masks, rigl_drop_fraction, rigl_update
 from fips_ref.timm_configs import timm_config
@@ -233,3 +234,134 @@ def test_rigl_dense_gradient_timeline_matches_authors():
     for r in t["result"]:
         lo, hi = r["dense_grad_used_equals_sum_of_step_grads_from_to"]
         assert used[r["update_step"]] == list(range(lo, hi + 1)), r
+
+
+# ----------------------------------------------------------------------------- §4 local stage
+L = _load("golden_local_stage.json")
+SHARED = L["shared"]
+LAYERS = ["blocks.0.mlp.fc1", "blocks.0.mlp.fc2", "blocks.1.mlp.fc1", "blocks.1.mlp.fc2"]
+
+
+def _layer_norm(x, eps=1e-6):  # [..., D] -> [..., D]; the toy block's LayerNorm (weight 1, bias 0)
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)          # biased, as torch
+    return (x - mu) / np.sqrt(var + eps)
+
+
+def _toy_model():
+    """Weights, MLP inputs and block layout of the authors' toy two-block model."""
+    weights = {k: np.asarray(v, dtype=np.float64) for k, v in SHARED["original_weights"].items()}
+    emb = np.asarray(SHARED["calibration_input_emb"])                        # [N, T, D]
+    x1 = np.asarray(SHARED["teacher_block_0_output"])                         # [N, T, D]
+    d, f = weights["blocks.0.mlp.fc1.weight"].shape[::-1]
+    blocks = [MLPBlock(i, f"blocks.{i}", 0, d, f) for i in range(2)]
+    acts = {0: _layer_norm(emb), 1: _layer_norm(x1)}                          # teacher forcing
+    return weights, acts, blocks, emb, x1
+
+
+def _toy_config(run):
+    h, s = SHARED["hyperparams"], run["sparsifier_cfg"]
+    common = dict(budget=0.5, tau=32.0, epochs=h["num_epochs"], batch_size=h["batch_size"],
+                  lr=h["lr"], eta_min=h["eta_min"], weight_decay=h["weight_decay"],
+                  beta1=h["betas"][0], beta2=h["betas"][1], eps=h["eps"],
+                  t_end_coeff=s["t_end"] / SHARED["T_max"], delta_t=s["delta_t"],
+                  global_pruning=run["global_pruning"])
+    if run["sparsifier"] == "gmp":
+        return FiPSConfig(sparsifier="gmp", sparsity=s["final_sparsity"],
+                          gmp_initial=s["initial_sparsity"],
+                          gmp_accelerated=s["accelerated_sparsity"], t_accel=s["t_accel"], **common)
+    return FiPSConfig(sparsifier="rigl", sparsity=s["sparsity"],
+                      rigl_drop_fraction=s["pruning_ratio"], **common)
+
+
+def _batch_order():
+    bs = SHARED["hyperparams"]["batch_size"]
+    return [[np.asarray(p[i:i + bs]) for i in range(0, len(p) // bs * bs, bs)]
+            for p in SHARED["epoch_permutations"]]
+
+
+def _column_signs(U_ours, U_golden, rows):
+    """±1 per column of U that maps our sign-canonical SVD factors onto torch's.
+
+    SVD signs are arbitrary (docs/authors-code.md §3); the local stage is equivariant under
+    flipping U[:, i] with V[i] (AdamW, |V| pruning and |∇| growth all commute with it), and a
+    grown column j ≥ q copies row (j − q) mod q of V, so it takes that row's sign.
+    """
+    q = min(rows, U_ours.shape[1])
+    s = np.sign(np.einsum("di,di->i", U_ours[:, :q], U_golden[:, :q]))
+    assert np.all(s != 0)
+    return np.array([s[j] if j < q else s[(j - q) % q] for j in range(U_ours.shape[1])])
+
+
+def test_toy_model_teacher_output():
+    """Our reading of the toy block: teacher block 0 output = x + fc2(GELU(fc1(LN(x))))."""
+    weights, acts, _, emb, x1 = _toy_model()
+    from fips_ref.mlp import dense_mlp
+    w = {k: weights[f"blocks.0.mlp.{k}"] for k in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")}
+    h = acts[0].reshape(-1, emb.shape[-1])
+    y = dense_mlp(h, w["fc1.weight"].T, w["fc1.bias"], w["fc2.weight"].T, w["fc2.bias"])
+    np.testing.assert_allclose(emb + y.reshape(emb.shape), x1, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("run", L["runs"], ids=lambda r: r["sparsifier"])
+def test_local_stage_replays_authors_run(run):
+    """A complete 20-step float64 local stage of the authors' code, replayed through
+    run_local_stage with their batch order: the init, every step's loss, learning rate and
+    sparsity, the masks after prepare() and at the end (exact), the final U, V and biases."""
+    weights, acts, blocks, _, _ = _toy_model()
+    cfg = _toy_config(run)
+    seen = []
+
+    def callback(state, loss, lr):
+        seen.append(dict(step=state.step, loss=float(loss), lr=lr, adam_step=state.adam.step,
+                         masks={k: m.copy() for k, m in state.masks.items()},
+                         moments_masked=all(not np.any(state.adam.m[k][~m]) and
+                                            not np.any(state.adam.v[k][~m])
+                                            for k, m in state.masks.items())))
+
+    result = run_local_stage(weights, acts, [[0, 1]], cfg, blocks=blocks, batch_order=_batch_order(),
+                             dtype=np.float64, callback=callback)
+    per_step, final, n = run["per_step"], run["final"], SHARED["T_max"]
+    s = run["sparsifier_cfg"]
+    assert (result.schedule.total_steps, result.schedule.t_end, result.schedule.delta_t) == (
+        n, s["t_end"], s["delta_t"])
+    assert result.groups[0].rank == SHARED["rank"]
+
+    # init: SVD factors up to the arbitrary SVD signs
+    from fips_ref.sharing import concat_group
+    U0, V0 = svd_init(concat_group(weights, result.groups[0]), SHARED["rank"], cfg.tau)
+    signs = _column_signs(U0, np.asarray(SHARED["init_U"]), U0.shape[0])
+    np.testing.assert_allclose(U0 * signs, SHARED["init_U"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(signs[:, None] * V0, np.concatenate(SHARED["init_V_per_layer"], 1),
+                               rtol=0, atol=1e-12)
+
+    # every step: loss to 1e-9 relative, lr, sparsity, AdamW step count, masked moments
+    assert [x["step"] for x in seen] == list(range(1, n + 1))
+    assert [x["adam_step"] for x in seen] == list(range(1, n + 1))
+    np.testing.assert_allclose([x["loss"] for x in seen], per_step["loss_sum_over_blocks"], rtol=1e-9)
+    np.testing.assert_allclose(result.history["loss"], per_step["loss_sum_over_blocks"], rtol=1e-9)
+    np.testing.assert_allclose([x["lr"] for x in seen], per_step["lr_used"], rtol=1e-12)
+    sparsity = [1 - sum(int(m.sum()) for m in x["masks"].values()) /
+                sum(m.size for m in x["masks"].values()) for x in seen]
+    np.testing.assert_allclose(sparsity, per_step["global_sparsity_after_step"], rtol=0, atol=1e-15)
+    assert all(x["moments_masked"] for x in seen)
+
+    # masks: after prepare() (= after step 1, not an update step) and at the end, exactly
+    assert 1 % s["delta_t"] != 0
+    for j, layer in enumerate(LAYERS):
+        key = f"{layer}.V"
+        assert np.array_equal(seen[0]["masks"][key], np.asarray(run["masks_after_prepare"][j], bool)), key
+        assert np.array_equal(result.masks[key], np.asarray(final["masks"][j], bool)), key
+        assert np.array_equal(seen[-1]["masks"][key], result.masks[key])
+
+    # final parameters: U, V (signs aligned as at init), U·(V ⊙ M) per layer, biases
+    U = result.params["U.0"]
+    np.testing.assert_allclose(U * signs, final["U"], rtol=1e-9, atol=1e-12)
+    U_gold = np.asarray(final["U"])
+    for j, layer in enumerate(LAYERS):
+        V, M = result.params[f"{layer}.V"], result.masks[f"{layer}.V"]
+        V_gold = np.asarray(final["V_original_per_layer"][j])
+        np.testing.assert_allclose(signs[:, None] * V, V_gold, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(U @ (V * M), U_gold @ (V_gold * M), rtol=1e-9, atol=1e-12)
+    for key, b in final["biases"].items():
+        np.testing.assert_allclose(result.params[key], b, rtol=1e-9, atol=1e-12)
