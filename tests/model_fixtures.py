@@ -6,6 +6,7 @@ Weights are O(1)-scaled random draws (not timm's init: zero biases and unit Laye
 weights would hide ordering mistakes). Shapes here are written out independently of
 fips_ref.models, so a wrong geometry there fails the shape check rather than agreeing.
 """
+import json
 import os
 
 import numpy as np
@@ -145,3 +146,102 @@ def random_images(ckpt, n, seed=0):
     h, w = _pair(c["img_size"])
     shape = (n, c["in_chans"], h, w)
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- timm oracle cases
+# Small timm models compared against fips_ref.models, live (tests/test_models_timm.py, needs
+# torch + timm) and through stored outputs (tests/test_timm_fixtures.py, made by
+# weights/make_timm_fixtures.py). name -> (distilled, timm kwargs, our config fields beyond
+# those derived from the kwargs).
+TIMM_VIT_CASES = {
+    # vit_tiny-like; norm_eps left out of the config: the ViT default must be 1e-6
+    "vit": (False, dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4,
+                        num_classes=10), {}),
+    # non-square image and patch, no qkv bias, LayerScale
+    "vit_rect_ls": (False, dict(img_size=(32, 24), patch_size=(8, 4), embed_dim=24, depth=2,
+                                num_heads=3, num_classes=7, qkv_bias=False, init_values=0.5,
+                                mlp_ratio=3.0), {"norm_eps": 1e-6}),
+    "deit_distilled": (True, dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2,
+                                  num_classes=10), {"distilled": True, "norm_eps": 1e-6}),
+}
+# name -> timm SwinTransformer kwargs
+TIMM_SWIN_CASES = {
+    # swin_tiny-like; last stage 4x4 = window 4 (no shift); norm_eps default must be 1e-5
+    "swin": dict(img_size=64, patch_size=4, embed_dim=16, depths=(2, 2, 2),
+                 num_heads=(1, 2, 4), window_size=4, num_classes=10),
+    # window 2 on 16x16, 8x8, 4x4: every stage larger than the window, so every second block
+    # of every stage runs shifted windows (shift 1) with the attention mask
+    "swin_shift": dict(img_size=32, patch_size=2, embed_dim=8, depths=(2, 2, 2),
+                       num_heads=(1, 2, 4), window_size=2, num_classes=5),
+    # window 6: stage 0 12x12 shifted by 3, stage 1 6x6 = window, stage 2 3x3 clamps to 3
+    "swin_clamp": dict(img_size=48, patch_size=4, embed_dim=8, depths=(2, 2, 2),
+                       num_heads=(2, 2, 4), window_size=6, num_classes=5),
+    # grid 10 not divisible by window 4 (padded windows), odd 5x5 stage (padded merging)
+    "swin_pad": dict(img_size=40, patch_size=4, embed_dim=8, depths=(2, 2, 2),
+                     num_heads=(1, 2, 2), window_size=4, num_classes=5),
+    # non-square image: stage 1 is 4x6, so only the width shifts; [H, W] config fields
+    "swin_rect": dict(img_size=(32, 48), patch_size=4, embed_dim=8, depths=(2, 4),
+                      num_heads=(1, 2), window_size=4, num_classes=6),
+    # non-square window [4, 2]: relative position index and mask per axis; stage 1 (4x4)
+    # keeps the 4x2 window and shifts only along the width
+    "swin_rect_window": dict(img_size=32, patch_size=4, embed_dim=8, depths=(2, 2),
+                             num_heads=(1, 2), window_size=(4, 2), num_classes=4),
+}
+# the cases stored as fixtures under tests/data/timm_<name>.npz
+TIMM_FIXTURE_CASES = ("vit", "deit_distilled", "swin_shift", "swin_clamp")
+
+
+def _as_list(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def timm_vit_config(kw, extra):
+    """Our checkpoint config of a timm VisionTransformer(**kw)."""
+    config = dict(arch="vit", img_size=_as_list(kw["img_size"]),
+                  patch_size=_as_list(kw["patch_size"]), in_chans=3, embed_dim=kw["embed_dim"],
+                  depth=kw["depth"], num_heads=kw["num_heads"],
+                  mlp_ratio=kw.get("mlp_ratio", 4.0), qkv_bias=kw.get("qkv_bias", True),
+                  class_token=True, distilled=False, num_classes=kw["num_classes"])
+    return {**config, **extra}
+
+
+def timm_swin_config(kw):
+    """Our checkpoint config of a timm SwinTransformer(**kw)."""
+    return dict(arch="swin", img_size=_as_list(kw["img_size"]), patch_size=kw["patch_size"],
+                in_chans=3, embed_dim=kw["embed_dim"], depths=list(kw["depths"]),
+                num_heads=list(kw["num_heads"]), window_size=_as_list(kw["window_size"]),
+                mlp_ratio=4.0, qkv_bias=True, num_classes=kw["num_classes"])
+
+
+def timm_case_config(name):
+    """Our config of any TIMM_VIT_CASES / TIMM_SWIN_CASES entry."""
+    if name in TIMM_VIT_CASES:
+        _, kw, extra = TIMM_VIT_CASES[name]
+        return timm_vit_config(kw, extra)
+    return timm_swin_config(TIMM_SWIN_CASES[name])
+
+
+def timm_case_images(name, n=3, seed=0):
+    """[n, 3, H, W] float32 standard-normal inputs of a case."""
+    kw = TIMM_VIT_CASES[name][1] if name in TIMM_VIT_CASES else TIMM_SWIN_CASES[name]
+    h, w = _pair(kw["img_size"])
+    return np.random.default_rng(seed).standard_normal((n, 3, h, w)).astype(np.float32)
+
+
+def timm_fixture_path(name):
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", f"timm_{name}.npz")
+
+
+def load_timm_fixture(name):
+    """(Checkpoint, images, timm float64 logits, [timm float64 MLP input of every block], provenance).
+
+    The file holds the timm state_dict under ``w/{key}`` (float32, PyTorch layout), the config
+    as JSON, the inputs and timm's outputs (weights/make_timm_fixtures.py).
+    """
+    with np.load(timm_fixture_path(name), allow_pickle=False) as z:
+        tensors = {k[2:]: z[k] for k in z.files if k.startswith("w/")}
+        n_blocks = sum(k.startswith("mlp_in.") for k in z.files)
+        mlp_in = [z[f"mlp_in.{i}"] for i in range(n_blocks)]
+        config = json.loads(str(z["config"]))
+        ckpt = Checkpoint(path=f"<timm fixture {name}>", config=config, tensors=tensors)
+        return ckpt, z["images"], z["logits"], mlp_in, str(z["provenance"])
