@@ -30,7 +30,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
-from timm_reference import STUBBED_TORCHVISION, build_timm_model, timm_run  # noqa: E402  (first: it stubs torchvision)
+# timm_reference first: it stubs a missing or broken torchvision before timm is imported
+from timm_reference import STUBBED_TORCHVISION, build_timm_model, timm_run  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 from model_fixtures import (TIMM_FIXTURE_CASES, timm_case_config, timm_case_images,  # noqa: E402
