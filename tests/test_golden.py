@@ -9,13 +9,14 @@ the RigL dense-gradient timeline (§5), the cosine learning rate (§4.4), and tw
 float64 local stages replayed step for step through ``run_local_stage`` (§4).
 """
 import json
-import math
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from fips_ref.adamw import cosine_lr
+from fips_ref.backend import to_numpy
 from fips_ref.budget import sparse_rank
 from fips_ref.checkpoint import MLPBlock, block_prefixes
 from fips_ref.local_stage import (FiPSConfig, Schedule, _rigl_gradients, run_local_stage,
@@ -304,23 +305,27 @@ def test_toy_model_teacher_output():
 
 
 @pytest.mark.parametrize("run", L["runs"], ids=lambda r: r["sparsifier"])
-def test_local_stage_replays_authors_run(run):
+def test_local_stage_replays_authors_run(run, xp):
     """A complete 20-step float64 local stage of the authors' code, replayed through
-    run_local_stage with their batch order: the init, every step's loss, learning rate and
-    sparsity, the masks after prepare() and at the end (exact), the final U, V and biases."""
+    run_local_stage with their batch order (on every backend): the init, every step's loss,
+    learning rate and sparsity, the masks after prepare() and at the end (exact), the final U,
+    V and biases."""
     weights, acts, blocks, _, _ = _toy_model()
     cfg = _toy_config(run)
     seen = []
 
     def callback(state, loss, lr):
+        masks = {k: to_numpy(m) for k, m in state.masks.items()}
         seen.append(dict(step=state.step, loss=float(loss), lr=lr, adam_step=state.adam.step,
-                         masks={k: m.copy() for k, m in state.masks.items()},
-                         moments_masked=all(not np.any(state.adam.m[k][~m]) and
-                                            not np.any(state.adam.v[k][~m])
-                                            for k, m in state.masks.items())))
+                         masks=masks,
+                         moments_masked=all(not np.any(to_numpy(state.adam.m[k])[~m]) and
+                                            not np.any(to_numpy(state.adam.v[k])[~m])
+                                            for k, m in masks.items())))
 
-    result = run_local_stage(weights, acts, [[0, 1]], cfg, blocks=blocks, batch_order=_batch_order(),
-                             dtype=np.float64, callback=callback)
+    res = run_local_stage(weights, acts, [[0, 1]], cfg, blocks=blocks, batch_order=_batch_order(),
+                          xp=xp, dtype=np.float64, callback=callback)
+    result = replace(res, params={k: to_numpy(v) for k, v in res.params.items()},
+                     masks={k: to_numpy(v) for k, v in res.masks.items()})
     per_step, final, n = run["per_step"], run["final"], SHARED["T_max"]
     s = run["sparsifier_cfg"]
     assert (result.schedule.total_steps, result.schedule.t_end, result.schedule.delta_t) == (
