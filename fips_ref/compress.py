@@ -125,10 +125,10 @@ def build_parser():
     t.add_argument("--gmp-accelerated", type=ranged(0, 1, hi_open=True), default=d.gmp_accelerated,
                    help="GMP sparsity at t_accel (configs: 0.5)")
     t.add_argument("--t-accel", type=ranged(0, 10**9, kind=int),
-                   help="GMP acceleration step (default: 240/600 of the run, swin_large_config.yaml; 25%% for paper)")
+                   help="GMP acceleration step (default: 240, swin_large_config.yaml; runs under 600 steps: 240/600 of the run; paper: 25%% of the run)")
     t.add_argument("--t-end-coeff", type=ranged(0, 1, lo_open=True), default=d.t_end_coeff,
                    help="sparsity schedule ends at this fraction of the run (configs: 0.75)")
-    t.add_argument("--delta-t", type=POSITIVE_INT, help="steps between mask updates (default: ⌊run·50/600⌋, configs' 50 of 600)")
+    t.add_argument("--delta-t", type=POSITIVE_INT, help="steps between mask updates (default: 50, configs; runs under 600 steps: ⌊run·50/600⌋)")
     t.add_argument("--rigl-drop-fraction", type=ranged(0, 1), default=d.rigl_drop_fraction,
                    help="RigL q (swin_large_config.yaml: 0.1)")
     t.add_argument("--seed", type=ranged(0, 2**63 - 1, kind=int), default=d.seed, help="batch order and synthesis")

@@ -50,9 +50,9 @@ class FiPSConfig:
     eps: float = 9.999e-9
     gmp_initial: float = None          # None: 0.05 (authors' configs) or 0.25 (paper A.2.2)
     gmp_accelerated: float = 0.5
-    t_accel: int = None                # None: 240/600 of the run (authors) or 25% (paper)
+    t_accel: int = None                # None: 240 (authors; 240/600 of a shorter run) or 25% (paper)
     t_end_coeff: float = 0.75
-    delta_t: int = None                # None: 50/600 of the run, at least 1
+    delta_t: int = None                # None: 50 (50/600 of a run under 600 steps, at least 1)
     rigl_drop_fraction: float = 0.1
     global_pruning: bool = True
     variant: str = "authors"           # authors | paper
@@ -70,14 +70,19 @@ class Schedule:
 
 
 def resolve_schedule(cfg, total_steps):
-    """Scale the authors' 600-step schedule lengths to ``total_steps`` where not given explicitly."""
+    """Step counts of a run (docs/options.md "Schedule lengths"): the authors' absolute t_accel 240
+    and Δt 50 from 600 steps on, their fractions of 600 steps below; explicit values as given."""
     paper = cfg.variant == "paper"
+    short = total_steps < AUTHORS_STEPS                  # only runs shorter than 600 steps scale
     t_accel = cfg.t_accel
-    if t_accel is None:
-        t_accel = int(total_steps * (0.25 if paper else AUTHORS_T_ACCEL / AUTHORS_STEPS))
+    if t_accel is None and paper:
+        t_accel = int(total_steps * 0.25)                # paper A.2.2: "at the 25% mark"
+    elif t_accel is None:
+        t_accel = total_steps * AUTHORS_T_ACCEL // AUTHORS_STEPS if short else AUTHORS_T_ACCEL
     # floor, not round: t_end = 0.75·total stays (close to) a multiple of delta_t, so the last
     # mask update lands at t_end as the authors' 450 = 9·50 does (docs/options.md)
-    delta_t = cfg.delta_t or max(1, total_steps * AUTHORS_DELTA_T // AUTHORS_STEPS)
+    delta_t = cfg.delta_t or (max(1, total_steps * AUTHORS_DELTA_T // AUTHORS_STEPS) if short
+                              else AUTHORS_DELTA_T)
     initial = cfg.gmp_initial if cfg.gmp_initial is not None else (0.25 if paper else 0.05)
     return Schedule(total_steps, int(cfg.t_end_coeff * total_steps), t_accel, delta_t, initial)
 
