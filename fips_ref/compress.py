@@ -21,7 +21,7 @@ from .calib import ActivationStore, DiskArray, load_calib_acts, save_acts, synth
 from .checkpoint import InputError, error_line, find_mlp_blocks, json_entry, load_checkpoint, save_json_atomic, save_npz_atomic
 from .codec import encode
 from .local_stage import FiPSConfig, config_dict, plan_groups, run_local_stage
-from .sharing import STRATEGIES, check_groups, default_groups, parse_groups
+from .sharing import STRATEGIES, check_groups, choose_groups
 from .sparsity import SPARSIFIERS, density, describe
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
@@ -96,8 +96,12 @@ def build_parser():
     a.add_argument("--sparsity", type=ranged(0, 1, hi_open=True), default=d.sparsity, help="target sparsity of V")
     a.add_argument("--sparsifier", choices=SPARSIFIERS, default=d.sparsifier,
                    help="gmp is the paper's final recipe (§4.3)")
-    a.add_argument("--group-size", type=POSITIVE_INT, default=4, help="blocks per group (paper: 4 for DeiT-B)")
-    a.add_argument("--groups", help="explicit groups, e.g. 0-3,4-7,8-11 (overrides --group-size)")
+    a.add_argument("--group-size", type=POSITIVE_INT,
+                   help="blocks per group, inside each stage (default: 4 where it divides every "
+                        "stage, as DeiT-B's paper groups; otherwise the paper's groups)")
+    a.add_argument("--groups", help="'paper' (ViT: groups of 4; Swin: per stage, stages over 6 "
+                                    "blocks in groups of 6) or explicit groups, e.g. 0-3,4-7,8-11 "
+                                    "(overrides --group-size)")
     a.add_argument("--concat", choices=STRATEGIES, default=d.strategy,
                    help="long: basis on the model width (authors' concat_axis 1); short: on the hidden width")
     a.add_argument("--tau", type=ranged(0, 1e9, lo_open=True), default=d.tau, help="growth divisor τ (code: 32)")
@@ -257,6 +261,7 @@ def build_report(args, cfg, ckpt, blocks, result, arrays, calib, out_path, xp, s
         "backend": xp.__name__, "device": device_name(xp), "dtype": args.dtype,
         "calibration": calib, "config": config_dict(cfg),
         "schedule": dataclasses.asdict(result.schedule),
+        "grouping": getattr(args, "grouping", None),
         "groups": [{"index": g.index, "blocks": list(g.blocks), "rank": g.rank, "rows": g.rows,
                     "cols": g.cols, "grown": g.rank > g.rows} for g in result.groups],
         "blocks": [{"index": b, "rel_error_init": result.error_init.get(b),
@@ -292,7 +297,7 @@ def run(args, log):
         if path and os.path.abspath(path) == os.path.abspath(ckpt.path):
             raise InputError(f"{flag} {path}: would overwrite the input checkpoint")
     blocks = find_mlp_blocks(ckpt)
-    groups = parse_groups(args.groups) if args.groups else default_groups(blocks, args.group_size)
+    groups, args.grouping = choose_groups(args.groups, args.group_size, blocks, ckpt.config["arch"])
     check_groups(groups, blocks)
     xp = load_backend(args.backend)
     dtype = np.dtype(args.dtype).type
