@@ -20,7 +20,7 @@ from .budget import storage_bits
 from .calib import ActivationStore, DiskArray, load_calib_acts, save_acts, synthetic_acts
 from .checkpoint import InputError, error_line, find_mlp_blocks, json_entry, load_checkpoint, save_json_atomic, save_npz_atomic
 from .codec import encode
-from .local_stage import FiPSConfig, config_dict, plan_groups, run_local_stage
+from .local_stage import LOSSES, FiPSConfig, config_dict, plan_groups, run_local_stage
 from .sharing import STRATEGIES, check_groups, choose_groups
 from .sparsity import SPARSIFIERS, density, describe
 
@@ -109,6 +109,9 @@ def build_parser():
                    help="round the rank down to a multiple (authors' LLM structured_sparsity: 64; 0 = off)")
     a.add_argument("--variant", choices=("authors", "paper"), default=d.variant,
                    help="paper: cubic denominator t_end-t_accel, zero-initialised regrowth, 25%% initial GMP")
+    a.add_argument("--loss", choices=LOSSES, default=d.loss,
+                   help="mlp: error of each block's MLP output (authors' code, docs/authors-code.md "
+                        "§4.3); fc: paper Eq. (1), each fc layer on its own original input")
     g = a.add_mutually_exclusive_group()
     g.add_argument("--global-pruning", dest="global_pruning", action="store_true", default=True,
                    help="one magnitude threshold over every V (every vision config)")
@@ -154,7 +157,7 @@ def fips_config(args):
         eps=args.eps, gmp_initial=args.gmp_initial, gmp_accelerated=args.gmp_accelerated,
         t_accel=args.t_accel, t_end_coeff=args.t_end_coeff, delta_t=args.delta_t,
         rigl_drop_fraction=args.rigl_drop_fraction, global_pruning=args.global_pruning,
-        variant=args.variant, seed=args.seed)
+        variant=args.variant, loss=args.loss, seed=args.seed)
 
 
 # ----------------------------------------------------------------------------- calibration

@@ -3,25 +3,29 @@
 Letters: M tokens in a batch, D model width, F hidden width, R rank.
 
 For every block b the compressed MLP is trained to reproduce the original MLP on that block's
-recorded MLP inputs h_b (the norm2 output). The loss is
+recorded MLP inputs h_b (the norm2 output). The loss (``loss="mlp"``, the authors' code) is
 
     L = Σ_b mean((γ_b ⊙ (mlp_c(h_b) − mlp_o(h_b)))²)
 
 with γ_b the block's LayerScale ls2.gamma (1 without LayerScale). For a pre-norm block with
 frozen attention and teacher-forced inputs this equals the authors' whole-block output MSE
-(docs/authors-code.md §4.3). One step is: backward → mask update → AdamW step → LR step.
+(docs/authors-code.md §4.3). ``loss="fc"`` is the paper's Eq. (1) instead, each fc layer on its
+own original input: L = Σ_b mean((fc1_c(h_b) − fc1_o(h_b))²) + mean((fc2_c(a_b) − fc2_o(a_b))²)
+with a_b = GELU(fc1_o(h_b)). One step is: backward → mask update → AdamW step → LR step.
 
 Entry point for users and cross-checks: ``run_local_stage``.
 """
 import time
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
 from .adamw import AdamWState, adamw_init, adamw_step, cosine_lr
 from .backend import get_xp
 from .checkpoint import InputError
-from .mlp import dense_mlp, lowrank_mlp, lowrank_mlp_backward, lowrank_mlp_forward
+from .mlp import (dense_mlp, gelu, lowrank_fc_backward, lowrank_fc_forward, lowrank_mlp,
+                  lowrank_mlp_backward, lowrank_mlp_forward)
 from .sharing import build_groups, concat_group, layer_factors, split_v, svd_init
 from .sparsity import (SPARSIFIERS, cubic_sparsity, density, initial_masks, prune_to,
                        rigl_drop_fraction, rigl_update)
@@ -29,6 +33,7 @@ from .sparsity import (SPARSIFIERS, cubic_sparsity, density, initial_masks, prun
 AUTHORS_STEPS = 600          # 20 epochs × 30 batches (docs/authors-code.md §4.1)
 AUTHORS_T_ACCEL = 240        # swin_large_config.yaml, of 600 steps
 AUTHORS_DELTA_T = 50         # every vision config, of 600 steps
+LOSSES = ("mlp", "fc")       # authors' code (block/MLP output) | paper Eq. (1) (each fc layer)
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,7 @@ class FiPSConfig:
     rigl_drop_fraction: float = 0.1
     global_pruning: bool = True
     variant: str = "authors"           # authors | paper
+    loss: str = "mlp"                  # mlp (authors' code) | fc (paper Eq. 1); docs/differences.md D1
     seed: int = 0
 
 
@@ -160,21 +166,53 @@ def block_loss_and_grads(h, y_ref, gamma, fc1, fc2):  # h, y_ref [M, D]
     return loss, lowrank_mlp_backward(e, cache, fc1, fc2)
 
 
+class FCTarget(NamedTuple):
+    """Original per-layer signals of a batch for the paper's Eq. (1) loss."""
+    z: object        # [M, F] fc1_o(h) = h W1 + b1
+    a: object        # [M, F] GELU(z): fc2's original input
+    y: object        # [M, D] fc2_o(a), the original MLP output
+
+
+def fc_target(dense, block, h, y_ref):  # [M, D], [M, D] -> FCTarget
+    """fc1's original output and fc2's original input for ``h``; ``y_ref`` is the MLP output."""
+    W1, b1 = dense[block][:2]
+    z = h @ W1                                                   # [M, D] -> [M, F]
+    z += b1
+    return FCTarget(z, gelu(z), y_ref)
+
+
+def fc_loss_and_grads(h, target, fc1, fc2):  # h [M, D], target FCTarget
+    """Paper Eq. (1): mean((fc1_c(h) − z)²) + mean((fc2_c(a) − y)²) and its gradients (docs/derivations.md)."""
+    (z, y), cache = lowrank_fc_forward(h, target.a, fc1, fc2)     # [M, F], [M, D]
+    z -= target.z                                                 # in place: both are ours
+    y -= target.y
+    loss = (z * z).sum() / z.size + (y * y).sum() / y.size
+    z *= 2.0 / z.size                                             # dL/dz_c
+    y *= 2.0 / y.size                                             # dL/dy_c
+    return loss, lowrank_fc_backward(z, y, cache, fc1, fc2)
+
+
 def factor_grads(dA, dB, layer):  # -> (dU [rows, R], dV [R, cols])
     """Map dA, dB of W = A @ B back to the layer's U and V (transposes undone)."""
     return (dA, dB) if layer.basis_first else (dB.T, dA.T)
 
 
-def loss_and_grads(params, masks, groups, inputs, targets, gammas):
-    """Σ_b block loss and dense gradients (dV w.r.t. V ⊙ M, not yet masked) of every parameter."""
+def loss_and_grads(params, masks, groups, inputs, targets, gammas, loss="mlp"):
+    """Σ_b block loss and dense gradients (dV w.r.t. V ⊙ M, not yet masked) of every parameter.
+
+    ``loss`` 'mlp': targets[b] is the MLP output [M, D]; 'fc': an FCTarget (paper Eq. 1).
+    """
     xp = get_xp(*params.values())
     total, grads = 0.0, {}
     for g in groups:
         dU = xp.zeros_like(params[f"U.{g.index}"])
         for b in g.blocks:
             fc = compressed_layers(params, masks, g, b)
-            loss, layer_grads = block_loss_and_grads(inputs[b], targets[b], gammas[b], *fc)
-            total = total + loss
+            if loss == "fc":
+                block_loss, layer_grads = fc_loss_and_grads(inputs[b], targets[b], *fc)
+            else:
+                block_loss, layer_grads = block_loss_and_grads(inputs[b], targets[b], gammas[b], *fc)
+            total = total + block_loss
             for layer, (dA, dB, db) in zip((l for l in g.layers if l.block == b), layer_grads):
                 dU_l, dV = factor_grads(dA, dB, layer)
                 dU += dU_l                                       # shared U: Σ over its 2n layers
@@ -292,7 +330,7 @@ def local_step(state, cfg, sched, plan, inputs, targets, gammas):
     and returns (loss, lr used); the loss stays on the backend (no device sync).
     """
     state.step += 1
-    loss, grads = loss_and_grads(state.params, state.masks, plan, inputs, targets, gammas)
+    loss, grads = loss_and_grads(state.params, state.masks, plan, inputs, targets, gammas, cfg.loss)
     dense_grads = _rigl_gradients(cfg, sched, state.step, grads, state.masks, state.rigl_sum)
     old_masks = state.masks
     state.masks = sparsifier_step(cfg, sched, state.step, state.params, old_masks, dense_grads)
@@ -339,6 +377,8 @@ def run_local_stage(weights, acts, groups, cfg=FiPSConfig(), *, blocks, batch_or
     t0 = time.perf_counter()
     if cfg.sparsifier not in SPARSIFIERS:
         raise InputError(f"--sparsifier: unknown {cfg.sparsifier!r} (choose from {', '.join(SPARSIFIERS)})")
+    if cfg.loss not in LOSSES:
+        raise InputError(f"--loss: unknown {cfg.loss!r} (choose from {', '.join(LOSSES)})")
     n = _sample_count(acts, blocks)
     order = batch_order if batch_order is not None else epoch_batches(n, cfg.batch_size, cfg.epochs, cfg.seed)
     if batch_order is None and not sum(len(e) for e in order):   # (an explicit [] evaluates the init)
@@ -370,6 +410,8 @@ def run_local_stage(weights, acts, groups, cfg=FiPSConfig(), *, blocks, batch_or
                 y_ref = {b: reference_outputs(dense, b, inputs[b]) for b in dense}
             else:
                 y_ref = {b: gather(targets[b], idx, xp=xp, dtype=dtype) for b in dense}
+            if cfg.loss == "fc":                             # + fc1's output, fc2's input
+                y_ref = {b: fc_target(dense, b, inputs[b], y_ref[b]) for b in dense}
             masks_before = state.masks
             loss, lr = local_step(state, cfg, sched, plan, inputs, y_ref, gammas)
             if state.masks is not masks_before:

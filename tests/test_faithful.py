@@ -118,3 +118,141 @@ def test_compress_swin_l_shaped_checkpoint_with_no_grouping_flag(tmp_path, capsy
     assert r["grouping"] == "paper"
     assert [g["blocks"] for g in r["groups"]] == [[0, 1], [2, 3], list(range(4, 10)), list(range(10, 16)),
                                                   list(range(16, 22)), [22, 23]]
+
+
+# ----------------------------------------------------------------------------- --loss fc (paper Eq. 1)
+def _dot(a, b):
+    return float(np.sum(np.asarray(a) * np.asarray(b)))
+
+
+def _fc_problem(rng, m=6, d=4, F=10, r=3):
+    h = rng.standard_normal((m, d))
+    fc1 = [rng.standard_normal(s) for s in ((d, r), (r, F), (F,))]
+    fc2 = [rng.standard_normal(s) / 2 for s in ((F, r), (r, d), (d,))]
+    W1, b1, W2, b2 = (rng.standard_normal((d, F)), rng.standard_normal(F),
+                      rng.standard_normal((F, d)) / 3, rng.standard_normal(d))
+    return h, fc1, fc2, (W1, b1, W2, b2)
+
+
+def _gelu_exact(z):
+    from scipy.special import erf
+    return 0.5 * z * (1 + erf(z / np.sqrt(2)))
+
+
+def _fc_target(h, dense):
+    from fips_ref.local_stage import FCTarget
+    W1, b1, W2, b2 = dense
+    z = h @ W1 + b1
+    a = _gelu_exact(z)
+    return FCTarget(z, a, a @ W2 + b2)
+
+
+def test_fc_loss_value_is_paper_eq1_written_out():
+    """Σ over the two layers of the MSE of each layer, fc2 fed the ORIGINAL GELU(fc1(h))."""
+    from fips_ref.local_stage import fc_loss_and_grads
+    rng = np.random.default_rng(10)
+    h, fc1, fc2, dense = _fc_problem(rng)
+    W1, b1, W2, b2 = dense
+    loss, _ = fc_loss_and_grads(h, _fc_target(h, dense), fc1, fc2)
+    a = _gelu_exact(h @ W1 + b1)
+    want = (np.mean((h @ (fc1[0] @ fc1[1]) + fc1[2] - (h @ W1 + b1)) ** 2)
+            + np.mean((a @ (fc2[0] @ fc2[1]) + fc2[2] - (a @ W2 + b2)) ** 2))
+    assert float(loss) == pytest.approx(want, rel=1e-13)
+
+
+@pytest.mark.parametrize("factored", [True, False])
+@pytest.mark.parametrize("which", [None, 0, 1, 2, 3, 4, 5])
+def test_fc_loss_backward_finite_differences(which, factored):
+    """float64 random-direction VJP: (L(θ + εu) − L(θ − εu)) / 2ε = ⟨∇L, u⟩."""
+    from fips_ref.mlp import lowrank_fc_backward, lowrank_fc_forward
+    rng = np.random.default_rng(11)
+    h, fc1, fc2, dense = _fc_problem(rng)
+    t = _fc_target(h, dense)
+    xs = fc1 + fc2
+    us = [rng.standard_normal(x.shape) if which is None or i == which else None for i, x in enumerate(xs)]
+
+    def f(a):
+        (z, y), _ = lowrank_fc_forward(h, t.a, a[:3], a[3:], factored=factored)
+        return np.mean((z - t.z) ** 2) + np.mean((y - t.y) ** 2)
+
+    eps = 1e-6
+    plus = f([x if u is None else x + eps * u for x, u in zip(xs, us)])
+    minus = f([x if u is None else x - eps * u for x, u in zip(xs, us)])
+    lhs = (plus - minus) / (2 * eps)
+    (z, y), cache = lowrank_fc_forward(h, t.a, fc1, fc2, factored=factored)
+    g1, g2 = lowrank_fc_backward(2 * (z - t.z) / z.size, 2 * (y - t.y) / y.size, cache, fc1, fc2)
+    rhs = sum(_dot(g, u) for g, u in zip(list(g1) + list(g2), us) if u is not None)
+    assert abs(lhs - rhs) <= 1e-6 * max(abs(lhs), abs(rhs), 1e-8), (lhs, rhs)
+
+
+def test_fc_loss_gradients_of_loss_and_grads_through_masks_and_shared_u():
+    """loss_and_grads(loss='fc') over a 2-block group: directional derivative of the stored
+    parameters (V through its mask, U summed over its 4 layers) matches the gradients."""
+    from dataclasses import replace
+    from fips_ref.checkpoint import MLPBlock
+    from fips_ref.local_stage import loss_and_grads
+    from fips_ref.sharing import build_groups
+    rng = np.random.default_rng(12)
+    d, F, rank, m = 4, 16, 3, 5
+    blocks = [MLPBlock(i, f"blocks.{i}", 0, d, F) for i in range(2)]
+    for strategy in ("long", "short"):
+        g = replace(build_groups(blocks, [[0, 1]], budget=0.5, sparsity=0.5, strategy=strategy)[0], rank=rank)
+        params, masks = {"U.0": rng.standard_normal((g.rows, rank))}, {}
+        for l in g.layers:
+            params[f"{l.key}.V"] = rng.standard_normal((rank, g.cols))
+            masks[f"{l.key}.V"] = rng.random((rank, g.cols)) < 0.5
+            params[f"{l.key}.bias"] = rng.standard_normal(F if l.key.endswith("fc1") else d)
+        inputs = {b: rng.standard_normal((m, d)) for b in (0, 1)}
+        dense = {b: (rng.standard_normal((d, F)), rng.standard_normal(F), rng.standard_normal((F, d)),
+                     rng.standard_normal(d)) for b in (0, 1)}
+        targets = {b: _fc_target(inputs[b], dense[b]) for b in (0, 1)}
+        names = list(params)
+        us = {k: rng.standard_normal(params[k].shape) for k in names}
+        f = lambda eps: float(loss_and_grads({k: params[k] + eps * us[k] for k in names}, masks, [g],
+                                             inputs, targets, {0: None, 1: None}, "fc")[0])
+        lhs = (f(1e-6) - f(-1e-6)) / 2e-6
+        _, grads = loss_and_grads(params, masks, [g], inputs, targets, {0: None, 1: None}, "fc")
+        rhs = sum(_dot(grads[k] * masks[k] if k in masks else grads[k], us[k]) for k in names)
+        assert abs(lhs - rhs) <= 1e-6 * max(abs(lhs), abs(rhs)), (strategy, lhs, rhs)
+
+
+def test_fc_loss_isolates_fc2_from_fc1_errors():
+    """fc2's term and gradient do not depend on fc1 (its input is the original activation);
+    the MLP loss, which feeds fc2 the compressed fc1 output, does."""
+    from fips_ref.local_stage import block_loss_and_grads, fc_loss_and_grads
+    rng = np.random.default_rng(13)
+    h, fc1, fc2, dense = _fc_problem(rng)
+    t = _fc_target(h, dense)
+    other_fc1 = [x + rng.standard_normal(x.shape) for x in fc1]
+    (_, g2), (_, g2_other) = (fc_loss_and_grads(h, t, f1, fc2)[1] for f1 in (fc1, other_fc1))
+    for a, b in zip(g2, g2_other):
+        np.testing.assert_array_equal(a, b)
+    (_, m2), (_, m2_other) = (block_loss_and_grads(h, t.y, None, f1, fc2)[1] for f1 in (fc1, other_fc1))
+    assert not np.allclose(m2[0], m2_other[0])
+
+
+def test_run_local_stage_with_fc_loss_is_exact_when_the_rank_is_full():
+    """At full rank U V = C (docs/authors-code.md §3), so both Eq. (1) terms start at 0, and the
+    run differs from the MLP-loss run once the masks make the layers inexact."""
+    from fips_ref.checkpoint import MLPBlock
+    from fips_ref.local_stage import run_local_stage
+    rng = np.random.default_rng(14)
+    d, F = 4, 8
+    blocks = [MLPBlock(i, f"blocks.{i}", 0, d, F) for i in range(2)]
+    w = {}
+    for b in blocks:
+        w[b.key("mlp.fc1.weight")], w[b.key("mlp.fc1.bias")] = rng.standard_normal((F, d)), rng.standard_normal(F)
+        w[b.key("mlp.fc2.weight")], w[b.key("mlp.fc2.bias")] = rng.standard_normal((d, F)), rng.standard_normal(d)
+    acts = {b.index: rng.standard_normal((16, 3, d)) for b in blocks}
+    cfg = FiPSConfig(budget=1.2, sparsity=0.0, sparsifier="dense", epochs=1, batch_size=8, loss="fc")   # R ≥ d
+    r = run_local_stage(w, acts, [[0, 1]], cfg, blocks=blocks, dtype=np.float64, errors=False)
+    assert r.history["loss"][0] < 1e-20                     # (then weight decay moves U, V)
+    runs = {}
+    for loss in ("fc", "mlp"):
+        cfg = FiPSConfig(budget=0.5, sparsity=0.5, sparsifier="static", epochs=20, batch_size=16, lr=1e-2,
+                         loss=loss)          # full batch: the same objective at every step
+        runs[loss] = run_local_stage(w, acts, [[0, 1]], cfg, blocks=blocks, dtype=np.float64)
+        assert runs[loss].history["loss"][-1] < runs[loss].history["loss"][0]
+    assert not np.allclose(runs["fc"].params["U.0"], runs["mlp"].params["U.0"])
+    with pytest.raises(Exception, match="--loss"):
+        run_local_stage(w, acts, [[0, 1]], FiPSConfig(loss="block"), blocks=blocks)
