@@ -4,9 +4,10 @@ Layout of a compressed .npz (docs/compressed-format.md):
   every tensor of the original that is not an fc weight of a compressed MLP, under its timm key
   (the fc biases hold their trained values);
   ``fips.U.{g}``       [rows, R]    shared basis of group g, storage dtype;
-  ``fips.mask.{g}``    uint8 [⌈R·D/8⌉] bitmask (np.packbits, big bit order) of the group's V
+  ``fips.mask.{g}``    uint8 [⌈R·L/8⌉] bitmask (np.packbits, big bit order) of the group's V
                        slices, layer by layer, each row-major [R, cols];
   ``fips.values.{g}``  [nnz]        the active entries of those slices, in the same order;
+  (L = 2n·cols, the width of the group's V.)
   ``config``           the original config; ``fips``  JSON metadata (groups, ranks, run).
 """
 import numpy as np

@@ -9,8 +9,9 @@ model-width side; V_j [R, F] is layer j's sparse slice; fc1 = U V_j, fc2 = (U V_
 
 Strategy 'short' shares the basis on the hidden side instead: every layer becomes an [F, D]
 block, C = [W_fc1,b0ᵀ | W_fc2,b0 | …] of shape [F, 2n·D], U [F, R], V_j [R, D]; fc1 = (U V_j)ᵀ,
-fc2 = U V_j. Stacking the same blocks along the other axis gives Cᵀ, whose SVD is the same
-factorisation transposed, so these two are the only distinct strategies (docs/algorithm.md).
+fc2 = U V_j. The other two layouts (the transposed blocks stacked along the rows) give Cᵀ and
+C_sᵀ, the same factorisations transposed, so these two are the only distinct strategies
+(docs/algorithm.md "Strategies of concatenation").
 """
 import re
 from dataclasses import dataclass
