@@ -19,7 +19,7 @@ from .backend import BackendError, device_name, load_backend, peak_device_bytes
 from .budget import storage_bits
 from .calib import ActivationStore, DiskArray, load_calib_acts, save_acts, synthetic_acts
 from .checkpoint import InputError, error_line, find_mlp_blocks, json_entry, load_checkpoint, save_json_atomic, save_npz_atomic
-from .codec import encode
+from .codec import encode, live_rank_columns
 from .local_stage import LOSSES, FiPSConfig, config_dict, plan_groups, run_local_stage
 from .sharing import STRATEGIES, check_groups, choose_groups
 from .sparsity import SPARSIFIERS, density, describe
@@ -228,36 +228,41 @@ def record_from_images(args, ckpt, blocks, xp, log):
 
 # ----------------------------------------------------------------------------- report
 def mlp_counts(blocks, result):
-    """Original MLP weights, kept parameters (U + nnz V) of the compressed blocks."""
+    """Original MLP weights; kept parameters U + nnz V as the authors count them (every rank
+    column of U) and as stored (live columns only, codec.live_rank_columns)."""
     original = sum(2 * b.d * b.hidden for b in blocks if any(b.index in g.blocks for g in result.groups))
-    kept = 0
-    for g in result.groups:
-        kept += g.rows * g.rank
-        for l in g.layers:
-            m = result.masks.get(f"{l.key}.V")
-            kept += int(m.sum()) if m is not None else g.rank * g.cols
-    return original, kept
+    nnz = sum(_group_nnz(result, g) for g in result.groups)
+    kept = nnz + sum(g.rows * g.rank for g in result.groups)
+    stored = nnz + sum(g.rows * int(live_rank_columns(result, g).sum()) for g in result.groups)
+    return original, kept, stored
+
+
+def _group_nnz(result, g):
+    return sum(int(result.masks[f"{l.key}.V"].sum()) if result.masks else g.rank * g.cols
+               for l in g.layers)
 
 
 def storage_summary(result, arrays, original_numel, value_bits):
-    """Paper §3 bits (16-bit values + 1 mask bit per V entry) next to the bits actually written."""
-    paper = written_formula = 0
+    """Paper §3 bits (16-bit values + 1 mask bit per V entry), at the trained and at the stored
+    (live) rank, next to the bits actually written."""
+    paper = paper_stored = written_formula = 0
     for g in result.groups:
-        nnz = sum(int(result.masks[f"{l.key}.V"].sum()) if result.masks else g.rank * g.cols
-                  for l in g.layers)
+        nnz, live = _group_nnz(result, g), int(live_rank_columns(result, g).sum())
         cols = g.cols * len(g.layers)
         paper += storage_bits(g.rows, g.rank, cols, nnz, 16)
-        written_formula += storage_bits(g.rows, g.rank, cols, nnz, value_bits)
+        paper_stored += storage_bits(g.rows, live, cols, nnz, 16)
+        written_formula += storage_bits(g.rows, live, cols, nnz, value_bits)
     written = sum(a.nbytes * 8 for k, a in arrays.items() if k.startswith("fips."))
     orig16 = 16 * original_numel
     return {"paper_bits": paper, "original_bits_16": orig16, "paper_ratio": paper / orig16,
+            "paper_bits_stored": paper_stored, "paper_ratio_stored": paper_stored / orig16,
             "formula_bits_at_storage_dtype": written_formula, "written_bits": written,
             "written_ratio_vs_original_16bit": written / orig16}
 
 
 def build_report(args, cfg, ckpt, blocks, result, arrays, calib, out_path, xp, seconds, accuracy):
     """The JSON report of a run (docs/report.md)."""
-    original, kept = mlp_counts(blocks, result)
+    original, kept, stored = mlp_counts(blocks, result)
     value_bits = np.dtype(args.storage_dtype).itemsize * 8
     return {
         "fips_ref_version": __version__, "input": ckpt.path, "output": out_path,
@@ -265,13 +270,15 @@ def build_report(args, cfg, ckpt, blocks, result, arrays, calib, out_path, xp, s
         "calibration": calib, "config": config_dict(cfg),
         "schedule": dataclasses.asdict(result.schedule),
         "grouping": getattr(args, "grouping", None),
-        "groups": [{"index": g.index, "blocks": list(g.blocks), "rank": g.rank, "rows": g.rows,
+        "groups": [{"index": g.index, "blocks": list(g.blocks), "rank": g.rank,
+                    "live_rank": int(live_rank_columns(result, g).sum()), "rows": g.rows,
                     "cols": g.cols, "grown": g.rank > g.rows} for g in result.groups],
         "blocks": [{"index": b, "rel_error_init": result.error_init.get(b),
                     "rel_error_final": result.error_final.get(b)} for b in sorted(result.error_final)],
         "layer_density": describe(result.masks) if result.masks else
         {f"{l.key}.V": 1.0 for g in result.groups for l in g.layers},
         "params": {"mlp_original": original, "mlp_kept": kept, "achieved_budget": kept / original,
+                   "mlp_kept_stored": stored, "achieved_budget_stored": stored / original,
                    "target_budget": args.budget, "v_density": density(result.masks)},
         "storage": dict(storage_summary(result, arrays, original, value_bits),
                         file_bytes=os.path.getsize(out_path), original_file_bytes=os.path.getsize(ckpt.path)),
@@ -362,9 +369,10 @@ def summary(report):
     errs = [b["rel_error_final"] for b in report["blocks"]]
     lines = [f"wrote {report['output']}",
              f"MLP parameters kept: {p['mlp_kept']:,} of {p['mlp_original']:,} "
-             f"(achieved budget {p['achieved_budget']:.4f}, target {p['target_budget']})",
+             f"(achieved budget {p['achieved_budget']:.4f}, target {p['target_budget']}; "
+             f"{p['achieved_budget_stored']:.4f} as stored, without dead rank columns)",
              f"final sparsity of V: {1 - report['params']['v_density']:.4f}; "
-             f"ranks {[g['rank'] for g in report['groups']]}",
+             f"ranks {[g['rank'] for g in report['groups']]}, live {[g['live_rank'] for g in report['groups']]}",
              f"mean relative MLP output error: {np.mean([b['rel_error_init'] for b in report['blocks']]):.4e} "
              f"at init, {np.mean(errs):.4e} after",
              f"storage ratio (paper §3, 16-bit): {s['paper_ratio']:.4f}; file {s['file_bytes']:,} bytes "

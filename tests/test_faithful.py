@@ -256,3 +256,70 @@ def test_run_local_stage_with_fc_loss_is_exact_when_the_rank_is_full():
     assert not np.allclose(runs["fc"].params["U.0"], runs["mlp"].params["U.0"])
     with pytest.raises(Exception, match="--loss"):
         run_local_stage(w, acts, [[0, 1]], FiPSConfig(loss="block"), blocks=blocks)
+
+
+# ----------------------------------------------------------------------------- live rank, dead columns
+@pytest.mark.parametrize("strategy", ["long", "short"])
+def test_encode_drops_dead_rank_columns_losslessly(strategy):
+    """A rank column whose V rows are inactive in every layer of the group is not stored, and the
+    decompressed weights still equal (U (V ⊙ M)) of the trained factors."""
+    from fips_ref.checkpoint import Checkpoint, MLPBlock, json_entry
+    from fips_ref.codec import decompressed_tensors, encode, live_rank_columns
+    from fips_ref.local_stage import LocalResult, Schedule
+    from fips_ref.sharing import build_groups, layer_factors
+    rng = np.random.default_rng(20)
+    d, F, rank = 4, 8, 6
+    blocks = [MLPBlock(i, f"blocks.{i}", 0, d, F) for i in range(2)]
+    g = build_groups(blocks, [[0, 1]], budget=0.9, sparsity=0.5, strategy=strategy)[0]
+    from dataclasses import replace
+    g = replace(g, rank=rank)
+    dead = [1, 4]
+    params = {"U.0": rng.standard_normal((g.rows, rank))}
+    masks = {}
+    for l in g.layers:
+        params[f"{l.key}.V"] = rng.standard_normal((rank, g.cols))
+        m = rng.random((rank, g.cols)) < 0.5
+        m[dead] = False
+        m[[0, 2, 3, 5], 0] = True                                   # the others are live
+        masks[f"{l.key}.V"] = m
+        params[f"{l.key}.bias"] = rng.standard_normal(F if l.key.endswith("fc1") else d).astype(np.float32)
+    tensors = {f"{l.key}.{w}": np.zeros(1, np.float32) for l in g.layers for w in ("weight", "bias")}
+    ckpt = Checkpoint("<t>", {"arch": "vit"}, tensors)
+    result = LocalResult([g], params, masks, Schedule(1, 1, 1, 1, 0.05))
+    assert live_rank_columns(result, g).tolist() == [r not in dead for r in range(rank)]
+    arrays, meta = encode(ckpt, result, {}, storage_dtype=np.float32)
+    assert arrays["fips.U.0"].shape == (g.rows, rank - len(dead))
+    assert meta["groups"][0]["rank"] == rank - len(dead) and meta["groups"][0]["trained_rank"] == rank
+    assert arrays["fips.values.0"].size == sum(int(m.sum()) for m in masks.values())
+    dense = decompressed_tensors(Checkpoint("<c>", {"arch": "vit"}, arrays, {"fips": json_entry(meta)}))
+    for l in g.layers:
+        A, B = layer_factors(params["U.0"], params[f"{l.key}.V"] * masks[f"{l.key}.V"], l)
+        np.testing.assert_allclose(dense[f"{l.key}.weight"], (A @ B).T, rtol=1e-5, atol=1e-5)
+
+
+def test_report_gives_live_rank_and_both_budgets(tmp_path, capsys):
+    """A ViT run with --loss fc: per-group live rank, the budget as the authors count it (every
+    rank column) and as stored (live ones), and written bits that match the stored count."""
+    import json
+    from fips_ref.checkpoint import load_checkpoint
+    from fips_ref.compress import main
+    from model_fixtures import make_vit_checkpoint
+    ckpt = make_vit_checkpoint(tmp_path, depth=4, embed_dim=8, mlp_ratio=4.0)
+    report, out = tmp_path / "r.json", tmp_path / "c.npz"
+    code = main([ckpt.path, "--out", str(out), "--report", str(report), "--epochs", "2",
+                 "--batch-size", "8", "--synthetic-samples", "16", "--budget", "0.2",
+                 "--sparsity", "0.95", "--gmp-accelerated", "0.9", "--loss", "fc",
+                 "--storage-dtype", "float32", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    r = json.loads(report.read_text())
+    assert r["config"]["loss"] == "fc" and r["grouping"] == "group size 4"
+    meta = json.loads(str(load_checkpoint(out).extra["fips"]))
+    p, s = r["params"], r["storage"]
+    assert any(g["live_rank"] < g["rank"] for g in r["groups"])        # 95% sparse: dead rows exist
+    for g, m in zip(r["groups"], meta["groups"]):
+        assert g["live_rank"] == m["rank"] <= g["rank"] == m["trained_rank"]
+    nnz = sum(l["nnz"] for m in meta["groups"] for l in m["layers"])
+    assert p["mlp_kept"] == nnz + sum(g["rows"] * g["rank"] for g in r["groups"])
+    assert p["mlp_kept_stored"] == nnz + sum(g["rows"] * g["live_rank"] for g in r["groups"])
+    assert p["achieved_budget_stored"] == pytest.approx(p["mlp_kept_stored"] / p["mlp_original"])
+    assert s["written_bits"] - s["formula_bits_at_storage_dtype"] < 8 * len(r["groups"])  # packbits padding
