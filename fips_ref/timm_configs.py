@@ -127,7 +127,18 @@ def _block(prefix, dim, hidden, qkv_bias):
     return shapes
 
 
-def _vit_shapes(c):
+def _hidden(c, d, fc1_key, tensors):
+    """MLP hidden width F of a block: int(d · mlp_ratio), or, without ``mlp_ratio`` in the
+    config, the first dimension of the block's fc1 weight [F, d] in ``tensors``."""
+    if "mlp_ratio" in c:
+        return int(d * c["mlp_ratio"])
+    w = (tensors or {}).get(fc1_key)
+    if w is None or len(w.shape) != 2:
+        raise InputError(f"config has no 'mlp_ratio' and key {fc1_key!r} gives no hidden width")
+    return int(w.shape[0])
+
+
+def _vit_shapes(c, tensors=None):
     """timm VisionTransformer(/Distilled) state_dict shapes."""
     D, K = c["embed_dim"], c["num_classes"]
     (H, W), (ph, pw) = _pair(c["img_size"]), _pair(c["patch_size"])
@@ -139,8 +150,8 @@ def _vit_shapes(c):
         shapes["cls_token"] = (1, 1, D)
     if distilled:
         shapes["dist_token"] = (1, 1, D)
-    hidden = int(D * c["mlp_ratio"])
     for i in range(c["depth"]):
+        hidden = _hidden(c, D, f"blocks.{i}.mlp.fc1.weight", tensors)
         shapes.update(_block(f"blocks.{i}", D, hidden, c.get("qkv_bias", True)))
     shapes.update(_norm("norm", D))
     if K > 0:
@@ -161,7 +172,7 @@ def swin_stage_resolutions(config):
     return out
 
 
-def _swin_shapes(c):
+def _swin_shapes(c, tensors=None):
     """timm SwinTransformer state_dict shapes (timm >= 0.9 layout)."""
     C0, K = c["embed_dim"], c["num_classes"]
     ph, pw = _pair(c["patch_size"])
@@ -180,7 +191,8 @@ def _swin_shapes(c):
         wh, ww = min(res[0], win[0]), min(res[1], win[1])  # window clamped to the stage grid
         for j in range(depth):
             p = f"layers.{s}.blocks.{j}"
-            shapes.update(_block(p, d, int(d * c["mlp_ratio"]), c.get("qkv_bias", True)))
+            shapes.update(_block(p, d, _hidden(c, d, f"{p}.mlp.fc1.weight", tensors),
+                                 c.get("qkv_bias", True)))
             shapes[f"{p}.attn.relative_position_bias_table"] = ((2 * wh - 1) * (2 * ww - 1), heads)
     shapes.update(_norm("norm", dims[-1]))
     if K > 0:
@@ -188,10 +200,14 @@ def _swin_shapes(c):
     return shapes
 
 
-def expected_shapes(config):
-    """Every key -> shape of the timm state_dict that ``config`` describes (no buffers)."""
+def expected_shapes(config, tensors=None):
+    """Every key -> shape of the timm state_dict that ``config`` describes (no buffers).
+
+    Without ``mlp_ratio`` in the config, each block's hidden width is read off its fc1 weight in
+    ``tensors`` (a checkpoint written by hand or by another tool may omit the field).
+    """
     if config.get("arch") == "vit":
-        return _vit_shapes(config)
+        return _vit_shapes(config, tensors)
     if config.get("arch") == "swin":
-        return _swin_shapes(config)
+        return _swin_shapes(config, tensors)
     raise InputError(f"config field 'arch' must be 'vit' or 'swin', got {config.get('arch')!r}")

@@ -323,3 +323,91 @@ def test_report_gives_live_rank_and_both_budgets(tmp_path, capsys):
     assert p["mlp_kept_stored"] == nnz + sum(g["rows"] * g["live_rank"] for g in r["groups"])
     assert p["achieved_budget_stored"] == pytest.approx(p["mlp_kept_stored"] / p["mlp_original"])
     assert s["written_bits"] - s["formula_bits_at_storage_dtype"] < 8 * len(r["groups"])  # packbits padding
+
+
+# ----------------------------------------------------------------------------- convert
+def _convert(capsys, *argv):
+    from fips_ref import convert
+    code = convert.main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def _registered_vit(monkeypatch, **kw):
+    from fips_ref.timm_configs import TIMM_CONFIGS
+    from model_fixtures import make_vit_checkpoint
+    ckpt = make_vit_checkpoint(img_size=8, patch_size=4, embed_dim=8, depth=2, num_classes=5, **kw)
+    monkeypatch.setitem(TIMM_CONFIGS, "tiny_vit_test", {**ckpt.config, "timm_name": "tiny_vit_test"})
+    return ckpt
+
+
+@pytest.mark.parametrize("arch", ["vit", "swin"])
+def test_convert_reads_hidden_width_from_tensors_without_mlp_ratio(tmp_path, capsys, arch):
+    """A checkpoint whose config lacks mlp_ratio converts; F is fc1's first dimension, and a
+    disagreeing fc2 is still refused."""
+    from fips_ref.checkpoint import json_entry, save_npz_atomic
+    from fips_ref.convert import read_safetensors
+    from model_fixtures import make_swin_checkpoint, make_vit_checkpoint
+    ckpt = (make_vit_checkpoint(mlp_ratio=3.0) if arch == "vit" else
+            make_swin_checkpoint(mlp_ratio=3.0))
+    config = {k: v for k, v in ckpt.config.items() if k != "mlp_ratio"}
+    src = tmp_path / "m.npz"
+    save_npz_atomic(src, {**ckpt.tensors, "config": json_entry(config)})
+    code, err = _convert(capsys, src, tmp_path / "m.safetensors")
+    assert code == 0, err
+    out, _ = read_safetensors(tmp_path / "m.safetensors")
+    assert set(out) == set(ckpt.tensors)
+    fc2 = next(k for k in ckpt.tensors if k.endswith("mlp.fc2.weight"))
+    bad = dict(ckpt.tensors, **{fc2: ckpt.tensors[fc2][:, :-1]})
+    save_npz_atomic(src, {**bad, "config": json_entry(config)})
+    code, err = _convert(capsys, src, tmp_path / "bad.safetensors")
+    assert code == 2 and fc2 in err and not (tmp_path / "bad.safetensors").exists()
+
+
+def _compressed(tmp_path, ckpt_path, capsys):
+    from fips_ref.compress import main
+    out = tmp_path / "c.npz"
+    assert main([str(ckpt_path), "--out", str(out), "--epochs", "1", "--batch-size", "4",
+                 "--synthetic-samples", "4", "--group-size", "1", "--quiet"]) == 0
+    capsys.readouterr()
+    return out
+
+
+@pytest.mark.parametrize("extra", ["foo.weight", "blocks.0.attn.relative_position_index"])
+def test_keys_outside_the_timm_list_are_handled_alike_on_every_path(tmp_path, monkeypatch, capsys, extra):
+    """An unknown tensor is refused (naming it) on safetensors, .pth and .npz (plain and
+    compressed) input alike; a non-persistent buffer is dropped on all of them."""
+    from fips_ref.checkpoint import json_entry, save_npz_atomic
+    from fips_ref.convert import read_safetensors
+    from test_convert import write_st
+    ckpt = _registered_vit(monkeypatch)
+    buffer = extra.endswith("relative_position_index")
+    value = np.arange(4, dtype=np.int64 if buffer else np.float32)
+    outcomes = {}
+    st = write_st(tmp_path / "in.safetensors", {**{k: ("F32", v) for k, v in ckpt.tensors.items()},
+                                                extra: ("I64" if buffer else "F32", value)})
+    outcomes["safetensors"] = _convert(capsys, st, tmp_path / "a.npz", "--timm-name", "tiny_vit_test")
+    plain = tmp_path / "plain.npz"
+    save_npz_atomic(plain, {**ckpt.tensors, extra: value, "config": json_entry(ckpt.config)})
+    outcomes["npz"] = _convert(capsys, plain, tmp_path / "b.safetensors")
+    clean = tmp_path / "clean.npz"
+    save_npz_atomic(clean, {**ckpt.tensors, "config": json_entry(ckpt.config)})
+    comp = _compressed(tmp_path, clean, capsys)
+    z = dict(np.load(comp))
+    save_npz_atomic(comp, {**z, extra: value})                       # as if passed through
+    outcomes["compressed npz"] = _convert(capsys, comp, tmp_path / "c.safetensors")
+    try:
+        import torch
+        pth = tmp_path / "in.pth"
+        torch.save({**{k: torch.from_numpy(v.copy()) for k, v in ckpt.tensors.items()},
+                    extra: torch.from_numpy(value)}, pth)
+        outcomes["pth"] = _convert(capsys, pth, tmp_path / "d.npz", "--timm-name", "tiny_vit_test")
+    except ImportError:
+        pass
+    for path, (code, err) in outcomes.items():
+        if buffer:
+            assert code == 0, (path, err)
+        else:
+            assert code == 2 and extra in err, (path, err)
+    if buffer:
+        assert extra not in read_safetensors(tmp_path / "b.safetensors")[0]
+        assert extra not in read_safetensors(tmp_path / "c.safetensors")[0]
