@@ -16,8 +16,10 @@ Every number below is read off timm 1.0 (huggingface/pytorch-image-models):
   ``int(embed_dim * 2 ** i)``; ``PatchMerging`` at the start of stage i >= 1 with a bias-free
   ``reduction``; ``head.fc`` classifier (``ClassifierHead``).
 
-``mean``/``std`` are extra config fields (ignored by the model code) that ``evaluate`` uses
-to normalise images the way the pretrained weights expect.
+``mean``/``std`` and ``crop_pct`` are extra config fields (ignored by the model code) that
+``evaluate`` uses to preprocess images the way the pretrained weights expect. ``crop_pct`` is
+each file's ``_cfg`` default: ``'crop_pct': .9`` in ``deit.py``, ``vision_transformer.py`` and
+``swin_transformer.py`` alike (none of the 224-px names above overrides it).
 """
 import copy
 
@@ -31,6 +33,10 @@ IMAGENET_INCEPTION_STD = (0.5, 0.5, 0.5)
 # Buffers that timm registers with persistent=False; older .pth files still carry them.
 DROPPED_BUFFERS = ("relative_position_index", "attn_mask")
 
+# Resize 256 -> CenterCrop 224: the FiPS test transform, and the timm default for models
+# without a pretrained cfg (timm/data/constants.py DEFAULT_CROP_PCT)
+FALLBACK_CROP_PCT = 0.875
+
 
 def _vit(name, embed_dim, depth, num_heads, *, distilled=False, inception_norm=False):
     """Config of a timm ViT/DeiT at 224 px, patch 16, ImageNet-1k head."""
@@ -38,7 +44,7 @@ def _vit(name, embed_dim, depth, num_heads, *, distilled=False, inception_norm=F
         "arch": "vit", "timm_name": name, "img_size": 224, "patch_size": 16, "in_chans": 3,
         "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads, "mlp_ratio": 4.0,
         "qkv_bias": True, "norm_eps": 1e-6, "class_token": True, "distilled": distilled,
-        "num_classes": 1000,
+        "num_classes": 1000, "crop_pct": 0.9,           # deit.py / vision_transformer.py _cfg
         "mean": list(IMAGENET_INCEPTION_MEAN if inception_norm else IMAGENET_DEFAULT_MEAN),
         "std": list(IMAGENET_INCEPTION_STD if inception_norm else IMAGENET_DEFAULT_STD),
     }
@@ -50,7 +56,7 @@ def _swin(name, embed_dim, depths, num_heads):
         "arch": "swin", "timm_name": name, "img_size": 224, "patch_size": 4, "in_chans": 3,
         "embed_dim": embed_dim, "depths": list(depths), "num_heads": list(num_heads),
         "window_size": 7, "mlp_ratio": 4.0, "qkv_bias": True, "norm_eps": 1e-5,
-        "num_classes": 1000,
+        "num_classes": 1000, "crop_pct": 0.9,           # swin_transformer.py _cfg
         "mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET_DEFAULT_STD),
     }
 
@@ -90,6 +96,17 @@ def timm_config(name, *, num_classes=None):
     if num_classes is not None:
         config["num_classes"] = int(num_classes)
     return config
+
+
+def default_crop_pct(config):
+    """(crop_pct, where it came from) for evaluating a checkpoint of ``config``: the config's own
+    ``crop_pct``, else that of its ``timm_name`` in TIMM_CONFIGS, else 0.875 (unknown model)."""
+    if isinstance(config.get("crop_pct"), (int, float)) and 0 < config["crop_pct"] <= 1:
+        return float(config["crop_pct"]), "config"
+    known = TIMM_CONFIGS.get(config.get("timm_name"))
+    if known is not None:
+        return known["crop_pct"], f"timm {config['timm_name']}"
+    return FALLBACK_CROP_PCT, "fallback (model unknown)"
 
 
 def is_dropped_buffer(key):

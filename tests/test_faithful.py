@@ -411,3 +411,47 @@ def test_keys_outside_the_timm_list_are_handled_alike_on_every_path(tmp_path, mo
     if buffer:
         assert extra not in read_safetensors(tmp_path / "b.safetensors")[0]
         assert extra not in read_safetensors(tmp_path / "c.safetensors")[0]
+
+
+# ----------------------------------------------------------------------------- evaluate --crop-pct
+def test_crop_pct_defaults_come_from_timm_where_known():
+    """timm's _cfg crop_pct: .9 in deit.py, vision_transformer.py and swin_transformer.py;
+    an unknown model falls back to 0.875 (Resize 256 -> CenterCrop 224)."""
+    from fips_ref.timm_configs import TIMM_CONFIGS, default_crop_pct
+    for name in TIMM_CONFIGS:
+        assert default_crop_pct({"timm_name": name}) == (0.9, f"timm {name}")
+    assert default_crop_pct({"arch": "vit"})[0] == 0.875
+    assert default_crop_pct({"timm_name": "resnet50"})[0] == 0.875
+    assert default_crop_pct({"timm_name": "deit_base_patch16_224", "crop_pct": 0.95})[0] == 0.95
+
+
+@pytest.mark.parametrize("timm_name,flag,want", [("swin_tiny_patch4_window7_224", [], 0.9),
+                                                 (None, [], 0.875),
+                                                 ("deit_base_patch16_224", ["--crop-pct", "0.8"], 0.8)])
+def test_evaluate_uses_the_model_crop_pct(tmp_path, capsys, monkeypatch, timm_name, flag, want):
+    """The crop_pct evaluate hands to the eval transform, and reports."""
+    import json
+    from PIL import Image
+    from fips_ref import evaluate as ev
+    from fips_ref.checkpoint import json_entry, save_npz_atomic
+    seen = []
+    real = ev.iter_image_batches
+
+    def spy(paths, batch_size, **kw):
+        seen.append(kw["crop_pct"])
+        return real(paths, batch_size, **kw)
+
+    monkeypatch.setattr(ev, "iter_image_batches", spy)
+    import fips_ref.models as models
+    monkeypatch.setattr(models, "prepare_model", lambda ckpt, **kw: ckpt.config)
+    monkeypatch.setattr(models, "forward_model", lambda cfg, x, **kw: np.asarray(x).mean(axis=(2, 3)))
+    (tmp_path / "d" / "a").mkdir(parents=True)
+    Image.new("RGB", (20, 20), (10, 20, 30)).save(tmp_path / "d" / "a" / "x.png")
+    config = {"arch": "vit", "depth": 0, "num_classes": 3, "img_size": 8, "in_chans": 3}
+    if timm_name:
+        config["timm_name"] = timm_name
+    model = tmp_path / "m.npz"
+    save_npz_atomic(model, {"config": json_entry(config), "unused": np.zeros(1, np.float32)})
+    code = ev.main([str(model), "--data", str(tmp_path / "d"), "--json", str(tmp_path / "o.json"), *flag])
+    assert code == 0, capsys.readouterr().err
+    assert seen == [want] and json.loads((tmp_path / "o.json").read_text())["crop_pct"] == want
