@@ -17,15 +17,14 @@ Entry point for users and cross-checks: ``run_local_stage``.
 """
 import time
 from dataclasses import asdict, dataclass, field
-from typing import NamedTuple
 
 import numpy as np
 
 from .adamw import AdamWState, adamw_init, adamw_step, cosine_lr
 from .backend import get_xp
 from .checkpoint import InputError
-from .mlp import (dense_mlp, gelu, lowrank_fc_backward, lowrank_fc_forward, lowrank_mlp,
-                  lowrank_mlp_backward, lowrank_mlp_forward)
+from .losses import FCTarget, block_loss_and_grads, fc_loss_and_grads, fc_target  # noqa: F401
+from .mlp import dense_mlp, lowrank_mlp
 from .sharing import build_groups, concat_group, layer_factors, split_v, svd_init
 from .sparsity import (SPARSIFIERS, cubic_sparsity, density, initial_masks, prune_to,
                        rigl_drop_fraction, rigl_update)
@@ -150,46 +149,6 @@ def compressed_layers(params, masks, group, block):
         V = V if mask is None else V * mask                      # V ⊙ M
         out.append((*layer_factors(U, V, layer), params[f"{layer.key}.bias"]))
     return out
-
-
-def block_loss_and_grads(h, y_ref, gamma, fc1, fc2):  # h, y_ref [M, D]
-    """mean((γ ⊙ (mlp_c(h) − y_ref))²) and its gradients w.r.t. fc1, fc2 factors (docs/authors-code.md §4.3)."""
-    y, cache = lowrank_mlp_forward(h, fc1, fc2)                  # [M, D]
-    e = y
-    e -= y_ref                                                   # Δy, in place: y is ours
-    if gamma is not None:
-        e *= gamma                                               # e = γ ⊙ Δy
-    loss = (e * e).sum() / e.size
-    e *= 2.0 / e.size                                            # dL/dy = 2 γ ⊙ e / n
-    if gamma is not None:
-        e *= gamma
-    return loss, lowrank_mlp_backward(e, cache, fc1, fc2)
-
-
-class FCTarget(NamedTuple):
-    """Original per-layer signals of a batch for the paper's Eq. (1) loss."""
-    z: object        # [M, F] fc1_o(h) = h W1 + b1
-    a: object        # [M, F] GELU(z): fc2's original input
-    y: object        # [M, D] fc2_o(a), the original MLP output
-
-
-def fc_target(dense, block, h, y_ref):  # [M, D], [M, D] -> FCTarget
-    """fc1's original output and fc2's original input for ``h``; ``y_ref`` is the MLP output."""
-    W1, b1 = dense[block][:2]
-    z = h @ W1                                                   # [M, D] -> [M, F]
-    z += b1
-    return FCTarget(z, gelu(z), y_ref)
-
-
-def fc_loss_and_grads(h, target, fc1, fc2):  # h [M, D], target FCTarget
-    """Paper Eq. (1): mean((fc1_c(h) − z)²) + mean((fc2_c(a) − y)²) and its gradients (docs/derivations.md)."""
-    (z, y), cache = lowrank_fc_forward(h, target.a, fc1, fc2)     # [M, F], [M, D]
-    z -= target.z                                                 # in place: both are ours
-    y -= target.y
-    loss = (z * z).sum() / z.size + (y * y).sum() / y.size
-    z *= 2.0 / z.size                                             # dL/dz_c
-    y *= 2.0 / y.size                                             # dL/dy_c
-    return loss, lowrank_fc_backward(z, y, cache, fc1, fc2)
 
 
 def factor_grads(dA, dB, layer):  # -> (dU [rows, R], dV [R, cols])
