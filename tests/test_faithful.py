@@ -122,7 +122,8 @@ def test_compress_swin_l_shaped_checkpoint_with_no_grouping_flag(tmp_path, capsy
 
 # ----------------------------------------------------------------------------- --loss fc (paper Eq. 1)
 def _dot(a, b):
-    return float(np.sum(np.asarray(a) * np.asarray(b)))
+    from fips_ref.backend import to_numpy
+    return float(np.sum(to_numpy(a) * to_numpy(b)))
 
 
 def _fc_problem(rng, m=6, d=4, F=10, r=3):
@@ -162,18 +163,21 @@ def test_fc_loss_value_is_paper_eq1_written_out():
 
 @pytest.mark.parametrize("factored", [True, False])
 @pytest.mark.parametrize("which", [None, 0, 1, 2, 3, 4, 5])
-def test_fc_loss_backward_finite_differences(which, factored):
+def test_fc_loss_backward_finite_differences(xp, which, factored):
     """float64 random-direction VJP: (L(θ + εu) − L(θ − εu)) / 2ε = ⟨∇L, u⟩."""
+    from fips_ref.local_stage import FCTarget
     from fips_ref.mlp import lowrank_fc_backward, lowrank_fc_forward
     rng = np.random.default_rng(11)
     h, fc1, fc2, dense = _fc_problem(rng)
-    t = _fc_target(h, dense)
+    t = FCTarget(*(xp.asarray(a) for a in _fc_target(h, dense)))
+    h, fc1, fc2 = xp.asarray(h), [xp.asarray(a) for a in fc1], [xp.asarray(a) for a in fc2]
     xs = fc1 + fc2
-    us = [rng.standard_normal(x.shape) if which is None or i == which else None for i, x in enumerate(xs)]
+    us = [xp.asarray(rng.standard_normal(x.shape)) if which is None or i == which else None
+          for i, x in enumerate(xs)]
 
     def f(a):
         (z, y), _ = lowrank_fc_forward(h, t.a, a[:3], a[3:], factored=factored)
-        return np.mean((z - t.z) ** 2) + np.mean((y - t.y) ** 2)
+        return float(((z - t.z) ** 2).mean() + ((y - t.y) ** 2).mean())
 
     eps = 1e-6
     plus = f([x if u is None else x + eps * u for x, u in zip(xs, us)])
