@@ -100,8 +100,8 @@ def build_parser():
                    help="blocks per group, inside each stage (default: 4 where it divides every "
                         "stage, as DeiT-B's paper groups; otherwise the paper's groups)")
     a.add_argument("--groups", help="'paper' (ViT: groups of 4; Swin: per stage, stages over 6 "
-                                    "blocks in groups of 6) or explicit groups, e.g. 0-3,4-7,8-11 "
-                                    "(overrides --group-size)")
+                                    "blocks in groups of 6; docs/options.md) or explicit groups, "
+                                    "e.g. 0-3,4-7,8-11 (overrides --group-size)")
     a.add_argument("--concat", choices=STRATEGIES, default=d.strategy,
                    help="long: basis on the model width (authors' concat_axis 1); short: on the hidden width")
     a.add_argument("--tau", type=ranged(0, 1e9, lo_open=True), default=d.tau, help="growth divisor τ (code: 32)")
