@@ -1,12 +1,12 @@
 """Rank from a parameter budget, parameter counts and storage bits (paper §3, docs/authors-code.md §2 and §6).
 
-Notation: d rows of the shared basis U, D total columns of the concatenated matrix C [d, D],
-r rank, p budget, s sparsity of V, δ = 1 − s density.
+Notation: D rows of the shared basis U (the model width for --concat long), L = 2n·F total
+columns of the concatenated matrix C [D, L], r rank, p budget, s sparsity of V, δ = 1 − s density.
 """
 
 
 def sparse_rank(n_blocks, d, budget, sparsity, n_fc=2, round_to=None, mlp_ratio=4):
-    """Authors' ``compute_sparse_r`` (docs/authors-code.md §2): the largest r with d·r + δ·r·D ≤ p·d·D.
+    """Authors' ``compute_sparse_r`` (docs/authors-code.md §2): the largest r with D·r + δ·r·L ≤ p·D·L.
 
     Evaluated in exactly the authors' floating-point order, then truncated with int(); with
     ``round_to`` (the authors' LLM ``structured_sparsity`` rounding) r becomes a multiple of it.

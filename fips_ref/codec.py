@@ -4,9 +4,10 @@ Layout of a compressed .npz (docs/compressed-format.md):
   every tensor of the original that is not an fc weight of a compressed MLP, under its timm key
   (the fc biases hold their trained values);
   ``fips.U.{g}``       [rows, R]    shared basis of group g, storage dtype;
-  ``fips.mask.{g}``    uint8 [⌈R·D/8⌉] bitmask (np.packbits, big bit order) of the group's V
+  ``fips.mask.{g}``    uint8 [⌈R·L/8⌉] bitmask (np.packbits, big bit order) of the group's V
                        slices, layer by layer, each row-major [R, cols];
   ``fips.values.{g}``  [nnz]        the active entries of those slices, in the same order;
+  (L = 2n·cols, the width of the group's V.)
   ``config``           the original config; ``fips``  JSON metadata (groups, ranks, run).
 """
 import numpy as np
@@ -19,26 +20,39 @@ FORMAT_VERSION = 1
 
 
 def encode(ckpt, result, meta, *, storage_dtype=np.float16):
-    """Arrays of the compressed file: pass-through tensors, trained biases, packed U / mask / values."""
+    """Arrays of the compressed file: pass-through tensors, trained biases, packed U / mask / values.
+
+    Dead rank columns (U columns whose V rows have no active entry in any layer of the group)
+    are dropped with their V rows: they add nothing to any weight, so this is lossless. A group's
+    ``rank`` in the metadata is the stored (live) rank, ``trained_rank`` the one the budget gave.
+    """
     compressed = {f"{l.key}.weight" for g in result.groups for l in g.layers}
     arrays = {k: v for k, v in ckpt.tensors.items() if k not in compressed}
     groups_meta = []
     for g in result.groups:
-        masks = [_layer_mask(result, l) for l in g.layers]
-        values = [to_numpy(result.params[f"{l.key}.V"])[m] for l, m in zip(g.layers, masks)]
-        arrays[f"fips.U.{g.index}"] = to_numpy(result.params[f"U.{g.index}"]).astype(storage_dtype)
+        live = live_rank_columns(result, g)                                    # bool [R]
+        masks = [_layer_mask(result, l)[live] for l in g.layers]              # [R_live, cols]
+        values = [to_numpy(result.params[f"{l.key}.V"])[live][m] for l, m in zip(g.layers, masks)]
+        U = to_numpy(result.params[f"U.{g.index}"])[:, live]                  # [rows, R_live]
+        arrays[f"fips.U.{g.index}"] = U.astype(storage_dtype)
         arrays[f"fips.mask.{g.index}"] = np.packbits(np.concatenate([m.ravel() for m in masks]))
         arrays[f"fips.values.{g.index}"] = np.concatenate(values).astype(storage_dtype)
         for l in g.layers:
             bias = f"{l.key}.bias"
             arrays[bias] = to_numpy(result.params[bias]).astype(ckpt.tensors[bias].dtype)
         groups_meta.append({
-            "index": g.index, "blocks": list(g.blocks), "rows": g.rows, "cols": g.cols, "rank": g.rank,
+            "index": g.index, "blocks": list(g.blocks), "rows": g.rows, "cols": g.cols,
+            "rank": int(live.sum()), "trained_rank": g.rank,
             "layers": [{"key": l.key, "block": l.block, "basis_first": l.basis_first,
                         "nnz": int(m.sum())} for l, m in zip(g.layers, masks)]})
     meta = dict(meta, format_version=FORMAT_VERSION, storage_dtype=np.dtype(storage_dtype).name,
                 groups=groups_meta)
     return arrays, meta
+
+
+def live_rank_columns(result, group):  # -> bool [R] on the host
+    """Rank columns of the group's U that some layer uses: V rows with an active entry in any slice."""
+    return np.logical_or.reduce([_layer_mask(result, l).any(axis=1) for l in group.layers])
 
 
 def _layer_mask(result, layer):  # -> bool [R, cols] on the host

@@ -19,9 +19,9 @@ from .backend import BackendError, device_name, load_backend, peak_device_bytes
 from .budget import storage_bits
 from .calib import ActivationStore, DiskArray, load_calib_acts, save_acts, synthetic_acts
 from .checkpoint import InputError, error_line, find_mlp_blocks, json_entry, load_checkpoint, save_json_atomic, save_npz_atomic
-from .codec import encode
-from .local_stage import FiPSConfig, config_dict, plan_groups, run_local_stage
-from .sharing import STRATEGIES, check_groups, default_groups, parse_groups
+from .codec import encode, live_rank_columns
+from .local_stage import LOSSES, FiPSConfig, config_dict, plan_groups, run_local_stage
+from .sharing import STRATEGIES, check_groups, choose_groups
 from .sparsity import SPARSIFIERS, density, describe
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
@@ -96,8 +96,12 @@ def build_parser():
     a.add_argument("--sparsity", type=ranged(0, 1, hi_open=True), default=d.sparsity, help="target sparsity of V")
     a.add_argument("--sparsifier", choices=SPARSIFIERS, default=d.sparsifier,
                    help="gmp is the paper's final recipe (§4.3)")
-    a.add_argument("--group-size", type=POSITIVE_INT, default=4, help="blocks per group (paper: 4 for DeiT-B)")
-    a.add_argument("--groups", help="explicit groups, e.g. 0-3,4-7,8-11 (overrides --group-size)")
+    a.add_argument("--group-size", type=POSITIVE_INT,
+                   help="blocks per group, inside each stage (default: 4 where it divides every "
+                        "stage, as DeiT-B's paper groups; otherwise the paper's groups)")
+    a.add_argument("--groups", help="'paper' (ViT: groups of 4; Swin: per stage, stages over 6 "
+                                    "blocks in groups of 6; docs/options.md) or explicit groups, "
+                                    "e.g. 0-3,4-7,8-11 (overrides --group-size)")
     a.add_argument("--concat", choices=STRATEGIES, default=d.strategy,
                    help="long: basis on the model width (authors' concat_axis 1); short: on the hidden width")
     a.add_argument("--tau", type=ranged(0, 1e9, lo_open=True), default=d.tau, help="growth divisor τ (code: 32)")
@@ -105,6 +109,9 @@ def build_parser():
                    help="round the rank down to a multiple (authors' LLM structured_sparsity: 64; 0 = off)")
     a.add_argument("--variant", choices=("authors", "paper"), default=d.variant,
                    help="paper: cubic denominator t_end-t_accel, zero-initialised regrowth, 25%% initial GMP")
+    a.add_argument("--loss", choices=LOSSES, default=d.loss,
+                   help="mlp: error of each block's MLP output (authors' code, docs/authors-code.md "
+                        "§4.3); fc: paper Eq. (1), each fc layer on its own original input")
     g = a.add_mutually_exclusive_group()
     g.add_argument("--global-pruning", dest="global_pruning", action="store_true", default=True,
                    help="one magnitude threshold over every V (every vision config)")
@@ -125,10 +132,10 @@ def build_parser():
     t.add_argument("--gmp-accelerated", type=ranged(0, 1, hi_open=True), default=d.gmp_accelerated,
                    help="GMP sparsity at t_accel (configs: 0.5)")
     t.add_argument("--t-accel", type=ranged(0, 10**9, kind=int),
-                   help="GMP acceleration step (default: 240/600 of the run, swin_large_config.yaml; 25%% for paper)")
+                   help="GMP acceleration step (default: 240, swin_large_config.yaml; runs under 600 steps: 240/600 of the run; paper: 25%% of the run)")
     t.add_argument("--t-end-coeff", type=ranged(0, 1, lo_open=True), default=d.t_end_coeff,
                    help="sparsity schedule ends at this fraction of the run (configs: 0.75)")
-    t.add_argument("--delta-t", type=POSITIVE_INT, help="steps between mask updates (default: ⌊run·50/600⌋, configs' 50 of 600)")
+    t.add_argument("--delta-t", type=POSITIVE_INT, help="steps between mask updates (default: 50, configs; runs under 600 steps: ⌊run·50/600⌋)")
     t.add_argument("--rigl-drop-fraction", type=ranged(0, 1), default=d.rigl_drop_fraction,
                    help="RigL q (swin_large_config.yaml: 0.1)")
     t.add_argument("--seed", type=ranged(0, 2**63 - 1, kind=int), default=d.seed, help="batch order and synthesis")
@@ -150,7 +157,7 @@ def fips_config(args):
         eps=args.eps, gmp_initial=args.gmp_initial, gmp_accelerated=args.gmp_accelerated,
         t_accel=args.t_accel, t_end_coeff=args.t_end_coeff, delta_t=args.delta_t,
         rigl_drop_fraction=args.rigl_drop_fraction, global_pruning=args.global_pruning,
-        variant=args.variant, seed=args.seed)
+        variant=args.variant, loss=args.loss, seed=args.seed)
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -221,49 +228,57 @@ def record_from_images(args, ckpt, blocks, xp, log):
 
 # ----------------------------------------------------------------------------- report
 def mlp_counts(blocks, result):
-    """Original MLP weights, kept parameters (U + nnz V) of the compressed blocks."""
+    """Original MLP weights; kept parameters U + nnz V as the authors count them (every rank
+    column of U) and as stored (live columns only, codec.live_rank_columns)."""
     original = sum(2 * b.d * b.hidden for b in blocks if any(b.index in g.blocks for g in result.groups))
-    kept = 0
-    for g in result.groups:
-        kept += g.rows * g.rank
-        for l in g.layers:
-            m = result.masks.get(f"{l.key}.V")
-            kept += int(m.sum()) if m is not None else g.rank * g.cols
-    return original, kept
+    nnz = sum(_group_nnz(result, g) for g in result.groups)
+    kept = nnz + sum(g.rows * g.rank for g in result.groups)
+    stored = nnz + sum(g.rows * int(live_rank_columns(result, g).sum()) for g in result.groups)
+    return original, kept, stored
+
+
+def _group_nnz(result, g):
+    return sum(int(result.masks[f"{l.key}.V"].sum()) if result.masks else g.rank * g.cols
+               for l in g.layers)
 
 
 def storage_summary(result, arrays, original_numel, value_bits):
-    """Paper §3 bits (16-bit values + 1 mask bit per V entry) next to the bits actually written."""
-    paper = written_formula = 0
+    """Paper §3 bits (16-bit values + 1 mask bit per V entry), at the trained and at the stored
+    (live) rank, next to the bits actually written."""
+    paper = paper_stored = written_formula = 0
     for g in result.groups:
-        nnz = sum(int(result.masks[f"{l.key}.V"].sum()) if result.masks else g.rank * g.cols
-                  for l in g.layers)
+        nnz, live = _group_nnz(result, g), int(live_rank_columns(result, g).sum())
         cols = g.cols * len(g.layers)
         paper += storage_bits(g.rows, g.rank, cols, nnz, 16)
-        written_formula += storage_bits(g.rows, g.rank, cols, nnz, value_bits)
+        paper_stored += storage_bits(g.rows, live, cols, nnz, 16)
+        written_formula += storage_bits(g.rows, live, cols, nnz, value_bits)
     written = sum(a.nbytes * 8 for k, a in arrays.items() if k.startswith("fips."))
     orig16 = 16 * original_numel
     return {"paper_bits": paper, "original_bits_16": orig16, "paper_ratio": paper / orig16,
+            "paper_bits_stored": paper_stored, "paper_ratio_stored": paper_stored / orig16,
             "formula_bits_at_storage_dtype": written_formula, "written_bits": written,
             "written_ratio_vs_original_16bit": written / orig16}
 
 
 def build_report(args, cfg, ckpt, blocks, result, arrays, calib, out_path, xp, seconds, accuracy):
     """The JSON report of a run (docs/report.md)."""
-    original, kept = mlp_counts(blocks, result)
+    original, kept, stored = mlp_counts(blocks, result)
     value_bits = np.dtype(args.storage_dtype).itemsize * 8
     return {
         "fips_ref_version": __version__, "input": ckpt.path, "output": out_path,
         "backend": xp.__name__, "device": device_name(xp), "dtype": args.dtype,
         "calibration": calib, "config": config_dict(cfg),
         "schedule": dataclasses.asdict(result.schedule),
-        "groups": [{"index": g.index, "blocks": list(g.blocks), "rank": g.rank, "rows": g.rows,
+        "grouping": getattr(args, "grouping", None),
+        "groups": [{"index": g.index, "blocks": list(g.blocks), "rank": g.rank,
+                    "live_rank": int(live_rank_columns(result, g).sum()), "rows": g.rows,
                     "cols": g.cols, "grown": g.rank > g.rows} for g in result.groups],
         "blocks": [{"index": b, "rel_error_init": result.error_init.get(b),
                     "rel_error_final": result.error_final.get(b)} for b in sorted(result.error_final)],
         "layer_density": describe(result.masks) if result.masks else
         {f"{l.key}.V": 1.0 for g in result.groups for l in g.layers},
         "params": {"mlp_original": original, "mlp_kept": kept, "achieved_budget": kept / original,
+                   "mlp_kept_stored": stored, "achieved_budget_stored": stored / original,
                    "target_budget": args.budget, "v_density": density(result.masks)},
         "storage": dict(storage_summary(result, arrays, original, value_bits),
                         file_bytes=os.path.getsize(out_path), original_file_bytes=os.path.getsize(ckpt.path)),
@@ -292,7 +307,7 @@ def run(args, log):
         if path and os.path.abspath(path) == os.path.abspath(ckpt.path):
             raise InputError(f"{flag} {path}: would overwrite the input checkpoint")
     blocks = find_mlp_blocks(ckpt)
-    groups = parse_groups(args.groups) if args.groups else default_groups(blocks, args.group_size)
+    groups, args.grouping = choose_groups(args.groups, args.group_size, blocks, ckpt.config["arch"])
     check_groups(groups, blocks)
     xp = load_backend(args.backend)
     dtype = np.dtype(args.dtype).type
@@ -354,9 +369,10 @@ def summary(report):
     errs = [b["rel_error_final"] for b in report["blocks"]]
     lines = [f"wrote {report['output']}",
              f"MLP parameters kept: {p['mlp_kept']:,} of {p['mlp_original']:,} "
-             f"(achieved budget {p['achieved_budget']:.4f}, target {p['target_budget']})",
+             f"(achieved budget {p['achieved_budget']:.4f}, target {p['target_budget']}; "
+             f"{p['achieved_budget_stored']:.4f} as stored, without dead rank columns)",
              f"final sparsity of V: {1 - report['params']['v_density']:.4f}; "
-             f"ranks {[g['rank'] for g in report['groups']]}",
+             f"ranks {[g['rank'] for g in report['groups']]}, live {[g['live_rank'] for g in report['groups']]}",
              f"mean relative MLP output error: {np.mean([b['rel_error_init'] for b in report['blocks']]):.4e} "
              f"at init, {np.mean(errs):.4e} after",
              f"storage ratio (paper §3, 16-bit): {s['paper_ratio']:.4f}; file {s['file_bytes']:,} bytes "

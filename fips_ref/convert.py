@@ -183,8 +183,12 @@ def remap_legacy_swin(state):
 
 
 def check_shapes(source, tensors, config):
-    """Every expected key present with its shape, and no unexpected key (InputError naming it)."""
-    want = expected_shapes(config)
+    """Every expected key present with its shape, and no unexpected key (InputError naming it).
+
+    The same rule on every path (docs/evaluate-and-convert.md "Keys outside the timm list"): the
+    non-persistent buffers are dropped before this check, any other unknown key is refused.
+    """
+    want = expected_shapes(config, tensors)
     name = config.get("timm_name", config["arch"])
     for key, shape in want.items():
         if key not in tensors:
@@ -227,10 +231,11 @@ def to_safetensors(src, dst):
     ckpt = load_checkpoint(src)
     if "fips" in ckpt.extra:
         from .codec import decompressed_tensors
-        want = expected_shapes(ckpt.config)
-        tensors = {k: v for k, v in decompressed_tensors(ckpt).items() if k in want}
+        tensors = {k: v for k, v in decompressed_tensors(ckpt).items()   # fc weights rebuilt;
+                   if not k.startswith("fips.")}                        # the factors stay behind
     else:
         tensors = dict(ckpt.tensors)
+    tensors = {k: v for k, v in tensors.items() if not is_dropped_buffer(k)}   # as on read
     for key, value in tensors.items():
         if value.dtype.kind != "f":
             raise InputError(f"{src}: key {key!r} has dtype {value.dtype}, expected floating point")

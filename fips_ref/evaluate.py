@@ -20,6 +20,7 @@ import numpy as np
 from .backend import BACKENDS, BackendError, load_backend, to_numpy
 from .checkpoint import InputError, load_checkpoint, load_npz, save_json_atomic
 from .images import IMAGENET_MEAN, IMAGENET_STD, iter_image_batches, list_images
+from .timm_configs import default_crop_pct
 
 
 def log_softmax(logits):  # [N, K] -> [N, K] float64
@@ -201,10 +202,11 @@ def build_parser():
     p.add_argument("--dtype", choices=("float32", "float64"), default=None)
     p.add_argument("--img-size", type=_positive_int, default=None,
                    help="square input side for image folders (default: config img_size; the model must accept it)")
-    p.add_argument("--crop-pct", type=_crop_pct, default=0.875,
+    p.add_argument("--crop-pct", type=_crop_pct, default=None,
                    help="resize shorter side to floor(img_size / crop_pct) before the centre "
-                        "crop (default 0.875: Resize 256 -> CenterCrop 224, the FiPS test "
-                        "transform)")
+                        "crop (default: the model's timm pretrained crop_pct, 0.9 for every "
+                        "DeiT/ViT/Swin in fips_ref.timm_configs; 0.875 when the model is "
+                        "unknown. 0.875 = Resize 256 -> CenterCrop 224, the FiPS test transform)")
     p.add_argument("--limit", type=_positive_int, default=None,
                    help="evaluate N images spread evenly over the data "
                         "(indices floor(i * total / N))")
@@ -255,11 +257,13 @@ def npz_data(path, shape, limit=None):
 
 
 def folder_batches(folder, config, *, batch_size=64, class_map=None, limit=None, img_size=None,
-                   crop_pct=0.875, skip_bad=False):
+                   crop_pct=None, skip_bad=False):
     """(iterator of (x [B, C, S, S], kept [B]), labels [N] or None, N) for an image folder.
 
-    The eval transform uses the config's ``mean``/``std`` (ImageNet defaults without them).
+    The eval transform uses the config's ``mean``/``std`` (ImageNet defaults without them) and
+    ``crop_pct``, None for the model's default (timm_configs.default_crop_pct).
     """
+    crop_pct = default_crop_pct(config)[0] if crop_pct is None else crop_pct
     C, S, _ = model_input_shape(config, img_size)
     paths, labels = list_images(folder, class_map=class_map)
     idx = spread_indices(len(paths), limit)
@@ -272,7 +276,7 @@ def folder_batches(folder, config, *, batch_size=64, class_map=None, limit=None,
 
 
 def eval_data(path, ckpt, *, batch_size=64, class_map=None, limit=None, img_size=None,
-              crop_pct=0.875, skip_bad=False, need_labels=False):
+              crop_pct=None, skip_bad=False, need_labels=False):
     """(images [N, C, S, S] or a stream of batches, labels [N] or None, N, crop_pct or None).
 
     An .npz test set is read whole; an image folder is streamed batch by batch (``evaluate``
@@ -282,6 +286,7 @@ def eval_data(path, ckpt, *, batch_size=64, class_map=None, limit=None, img_size
         images, labels = npz_data(path, model_input_shape(ckpt.config, img_size), limit)
         total, crop_pct = images.shape[0], None
     else:
+        crop_pct = default_crop_pct(ckpt.config)[0] if crop_pct is None else crop_pct
         images, labels, total = folder_batches(path, ckpt.config, batch_size=batch_size,
                                                class_map=class_map, limit=limit, img_size=img_size,
                                                crop_pct=crop_pct, skip_bad=skip_bad)

@@ -3,13 +3,15 @@
 Letters: M tokens in a batch, D model width, F hidden width, R rank.
 
 For every block b the compressed MLP is trained to reproduce the original MLP on that block's
-recorded MLP inputs h_b (the norm2 output). The loss is
+recorded MLP inputs h_b (the norm2 output). The loss (``loss="mlp"``, the authors' code) is
 
     L = Σ_b mean((γ_b ⊙ (mlp_c(h_b) − mlp_o(h_b)))²)
 
 with γ_b the block's LayerScale ls2.gamma (1 without LayerScale). For a pre-norm block with
 frozen attention and teacher-forced inputs this equals the authors' whole-block output MSE
-(docs/authors-code.md §4.3). One step is: backward → mask update → AdamW step → LR step.
+(docs/authors-code.md §4.3). ``loss="fc"`` is the paper's Eq. (1) instead, each fc layer on its
+own original input: L = Σ_b mean((fc1_c(h_b) − fc1_o(h_b))²) + mean((fc2_c(a_b) − fc2_o(a_b))²)
+with a_b = GELU(fc1_o(h_b)). One step is: backward → mask update → AdamW step → LR step.
 
 Entry point for users and cross-checks: ``run_local_stage``.
 """
@@ -21,7 +23,8 @@ import numpy as np
 from .adamw import AdamWState, adamw_init, adamw_step, cosine_lr
 from .backend import get_xp
 from .checkpoint import InputError
-from .mlp import dense_mlp, lowrank_mlp, lowrank_mlp_backward, lowrank_mlp_forward
+from .losses import FCTarget, block_loss_and_grads, fc_loss_and_grads, fc_target  # noqa: F401
+from .mlp import dense_mlp, lowrank_mlp
 from .sharing import build_groups, concat_group, layer_factors, split_v, svd_init
 from .sparsity import (SPARSIFIERS, cubic_sparsity, density, initial_masks, prune_to,
                        rigl_drop_fraction, rigl_update)
@@ -29,6 +32,7 @@ from .sparsity import (SPARSIFIERS, cubic_sparsity, density, initial_masks, prun
 AUTHORS_STEPS = 600          # 20 epochs × 30 batches (docs/authors-code.md §4.1)
 AUTHORS_T_ACCEL = 240        # swin_large_config.yaml, of 600 steps
 AUTHORS_DELTA_T = 50         # every vision config, of 600 steps
+LOSSES = ("mlp", "fc")       # authors' code (block/MLP output) | paper Eq. (1) (each fc layer)
 
 
 @dataclass(frozen=True)
@@ -50,12 +54,13 @@ class FiPSConfig:
     eps: float = 9.999e-9
     gmp_initial: float = None          # None: 0.05 (authors' configs) or 0.25 (paper A.2.2)
     gmp_accelerated: float = 0.5
-    t_accel: int = None                # None: 240/600 of the run (authors) or 25% (paper)
+    t_accel: int = None                # None: 240 (authors; 240/600 of a shorter run) or 25% (paper)
     t_end_coeff: float = 0.75
-    delta_t: int = None                # None: 50/600 of the run, at least 1
+    delta_t: int = None                # None: 50 (50/600 of a run under 600 steps, at least 1)
     rigl_drop_fraction: float = 0.1
     global_pruning: bool = True
     variant: str = "authors"           # authors | paper
+    loss: str = "mlp"                  # mlp (authors' code) | fc (paper Eq. 1); docs/differences.md D1
     seed: int = 0
 
 
@@ -70,14 +75,19 @@ class Schedule:
 
 
 def resolve_schedule(cfg, total_steps):
-    """Scale the authors' 600-step schedule lengths to ``total_steps`` where not given explicitly."""
+    """Step counts of a run (docs/options.md "Schedule lengths"): the authors' absolute t_accel 240
+    and Δt 50 from 600 steps on, their fractions of 600 steps below; explicit values as given."""
     paper = cfg.variant == "paper"
+    short = total_steps < AUTHORS_STEPS                  # only runs shorter than 600 steps scale
     t_accel = cfg.t_accel
-    if t_accel is None:
-        t_accel = int(total_steps * (0.25 if paper else AUTHORS_T_ACCEL / AUTHORS_STEPS))
+    if t_accel is None and paper:
+        t_accel = int(total_steps * 0.25)                # paper A.2.2: "at the 25% mark"
+    elif t_accel is None:
+        t_accel = total_steps * AUTHORS_T_ACCEL // AUTHORS_STEPS if short else AUTHORS_T_ACCEL
     # floor, not round: t_end = 0.75·total stays (close to) a multiple of delta_t, so the last
     # mask update lands at t_end as the authors' 450 = 9·50 does (docs/options.md)
-    delta_t = cfg.delta_t or max(1, total_steps * AUTHORS_DELTA_T // AUTHORS_STEPS)
+    delta_t = cfg.delta_t or (max(1, total_steps * AUTHORS_DELTA_T // AUTHORS_STEPS) if short
+                              else AUTHORS_DELTA_T)
     initial = cfg.gmp_initial if cfg.gmp_initial is not None else (0.25 if paper else 0.05)
     return Schedule(total_steps, int(cfg.t_end_coeff * total_steps), t_accel, delta_t, initial)
 
@@ -141,35 +151,27 @@ def compressed_layers(params, masks, group, block):
     return out
 
 
-def block_loss_and_grads(h, y_ref, gamma, fc1, fc2):  # h, y_ref [M, D]
-    """mean((γ ⊙ (mlp_c(h) − y_ref))²) and its gradients w.r.t. fc1, fc2 factors (docs/authors-code.md §4.3)."""
-    y, cache = lowrank_mlp_forward(h, fc1, fc2)                  # [M, D]
-    e = y
-    e -= y_ref                                                   # Δy, in place: y is ours
-    if gamma is not None:
-        e *= gamma                                               # e = γ ⊙ Δy
-    loss = (e * e).sum() / e.size
-    e *= 2.0 / e.size                                            # dL/dy = 2 γ ⊙ e / n
-    if gamma is not None:
-        e *= gamma
-    return loss, lowrank_mlp_backward(e, cache, fc1, fc2)
-
-
 def factor_grads(dA, dB, layer):  # -> (dU [rows, R], dV [R, cols])
     """Map dA, dB of W = A @ B back to the layer's U and V (transposes undone)."""
     return (dA, dB) if layer.basis_first else (dB.T, dA.T)
 
 
-def loss_and_grads(params, masks, groups, inputs, targets, gammas):
-    """Σ_b block loss and dense gradients (dV w.r.t. V ⊙ M, not yet masked) of every parameter."""
+def loss_and_grads(params, masks, groups, inputs, targets, gammas, loss="mlp"):
+    """Σ_b block loss and dense gradients (dV w.r.t. V ⊙ M, not yet masked) of every parameter.
+
+    ``loss`` 'mlp': targets[b] is the MLP output [M, D]; 'fc': an FCTarget (paper Eq. 1).
+    """
     xp = get_xp(*params.values())
     total, grads = 0.0, {}
     for g in groups:
         dU = xp.zeros_like(params[f"U.{g.index}"])
         for b in g.blocks:
             fc = compressed_layers(params, masks, g, b)
-            loss, layer_grads = block_loss_and_grads(inputs[b], targets[b], gammas[b], *fc)
-            total = total + loss
+            if loss == "fc":
+                block_loss, layer_grads = fc_loss_and_grads(inputs[b], targets[b], *fc)
+            else:
+                block_loss, layer_grads = block_loss_and_grads(inputs[b], targets[b], gammas[b], *fc)
+            total = total + block_loss
             for layer, (dA, dB, db) in zip((l for l in g.layers if l.block == b), layer_grads):
                 dU_l, dV = factor_grads(dA, dB, layer)
                 dU += dU_l                                       # shared U: Σ over its 2n layers
@@ -287,7 +289,7 @@ def local_step(state, cfg, sched, plan, inputs, targets, gammas):
     and returns (loss, lr used); the loss stays on the backend (no device sync).
     """
     state.step += 1
-    loss, grads = loss_and_grads(state.params, state.masks, plan, inputs, targets, gammas)
+    loss, grads = loss_and_grads(state.params, state.masks, plan, inputs, targets, gammas, cfg.loss)
     dense_grads = _rigl_gradients(cfg, sched, state.step, grads, state.masks, state.rigl_sum)
     old_masks = state.masks
     state.masks = sparsifier_step(cfg, sched, state.step, state.params, old_masks, dense_grads)
@@ -341,6 +343,8 @@ def run_local_stage(weights, acts, groups, cfg=FiPSConfig(), *, blocks, batch_or
     t0 = time.perf_counter()
     if cfg.sparsifier not in SPARSIFIERS:
         raise InputError(f"--sparsifier: unknown {cfg.sparsifier!r} (choose from {', '.join(SPARSIFIERS)})")
+    if cfg.loss not in LOSSES:
+        raise InputError(f"--loss: unknown {cfg.loss!r} (choose from {', '.join(LOSSES)})")
     n = _sample_count(acts, blocks)
     order = batch_order if batch_order is not None else epoch_batches(n, cfg.batch_size, cfg.epochs, cfg.seed)
     if batch_order is None and not sum(len(e) for e in order):   # (an explicit [] evaluates the init)
@@ -372,6 +376,8 @@ def run_local_stage(weights, acts, groups, cfg=FiPSConfig(), *, blocks, batch_or
                 y_ref = {b: reference_outputs(dense, b, inputs[b]) for b in dense}
             else:
                 y_ref = {b: gather(targets[b], idx, xp=xp, dtype=dtype) for b in dense}
+            if cfg.loss == "fc":                             # + fc1's output, fc2's input
+                y_ref = {b: fc_target(dense, b, inputs[b], y_ref[b]) for b in dense}
             masks_before = state.masks
             loss, lr = local_step(state, cfg, sched, plan, inputs, y_ref, gammas)
             if callback is not None:

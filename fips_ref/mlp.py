@@ -131,3 +131,26 @@ def lowrank_mlp_backward(dout, cache, fc1, fc2):  # [M, D] -> grads of fc1 and f
     da *= cache.g                                               # dz = da ⊙ GELU'(z), in place
     _, dA1, dB1, db1 = lowrank_backward(da, cache.fc1, fc1[0], fc1[1], need_dx=False)
     return (dA1, dB1, db1), (dA2, dB2, db2)
+
+
+# ----------------------------------------------------------------------------- per-layer (paper Eq. 1)
+class FCCache(NamedTuple):
+    fc1: LowRankCache
+    fc2: LowRankCache
+
+
+def lowrank_fc_forward(x, a, fc1, fc2, factored=None):  # [M, D], [M, F] -> ([M, F], [M, D])
+    """Each compressed layer on its own ORIGINAL input (paper Eq. 1): z = fc1_c(x), y = fc2_c(a).
+
+    ``a`` is the original model's GELU(fc1(x)), so an error of fc1 does not reach fc2.
+    """
+    z, c1 = lowrank_forward(x, *fc1, factored=factored)        # [M, D] -> [M, F]
+    y, c2 = lowrank_forward(a, *fc2, factored=factored)        # [M, F] -> [M, D]
+    return (z, y), FCCache(c1, c2)
+
+
+def lowrank_fc_backward(dz, dy, cache, fc1, fc2):  # [M, F], [M, D] -> grads of fc1 and fc2 factors
+    """Backward of lowrank_fc_forward: ((dA1, dB1, db1), (dA2, dB2, db2)); the layers are independent."""
+    _, dA1, dB1, db1 = lowrank_backward(dz, cache.fc1, fc1[0], fc1[1], need_dx=False)
+    _, dA2, dB2, db2 = lowrank_backward(dy, cache.fc2, fc2[0], fc2[1], need_dx=False)
+    return (dA1, dB1, db1), (dA2, dB2, db2)

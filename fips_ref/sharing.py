@@ -9,8 +9,9 @@ model-width side; V_j [R, F] is layer j's sparse slice; fc1 = U V_j, fc2 = (U V_
 
 Strategy 'short' shares the basis on the hidden side instead: every layer becomes an [F, D]
 block, C = [W_fc1,b0ᵀ | W_fc2,b0 | …] of shape [F, 2n·D], U [F, R], V_j [R, D]; fc1 = (U V_j)ᵀ,
-fc2 = U V_j. Stacking the same blocks along the other axis gives Cᵀ, whose SVD is the same
-factorisation transposed, so these two are the only distinct strategies (docs/algorithm.md).
+fc2 = U V_j. The other two layouts (the transposed blocks stacked along the rows) give Cᵀ and
+C_sᵀ, the same factorisations transposed, so these two are the only distinct strategies
+(docs/algorithm.md "Strategies of concatenation").
 """
 import re
 from dataclasses import dataclass
@@ -50,9 +51,53 @@ def default_groups(blocks, group_size):
         ids = [b.index for b in blocks if b.stage == stage]
         if group_size < 1 or len(ids) % group_size:
             raise InputError(f"--group-size {group_size} does not divide the {len(ids)} blocks of "
-                             f"stage {stage}; give uneven groups with --groups")
+                             f"stage {stage}; give uneven groups with --groups (or --groups paper)")
         groups += [ids[i:i + group_size] for i in range(0, len(ids), group_size)]
     return groups
+
+
+PAPER_MAX_GROUP = {"vit": 4, "swin": 6}   # DeiT-B groups of 4; Swin-L's 18-block stage in 6s
+
+
+def paper_groups(blocks, arch):
+    """The paper's groupings (§4; docs/authors-code.md §1.1), generalised to any depth.
+
+    Per stage, consecutive blocks; a stage of L blocks is split into ⌈L/m⌉ groups as even as
+    possible (earlier groups one larger), m = 4 for a ViT and 6 for a Swin: DeiT-B 0-3, 4-7,
+    8-11; Swin-L's 2-block stages alone and its 18-block stage as three groups of 6.
+    """
+    if arch not in PAPER_MAX_GROUP:
+        raise InputError(f"--groups paper: no paper grouping for arch {arch!r} (vit or swin)")
+    groups = []
+    for stage in sorted({b.stage for b in blocks}):
+        ids = [b.index for b in blocks if b.stage == stage]
+        k = -(-len(ids) // PAPER_MAX_GROUP[arch])                # ⌈L/m⌉ groups
+        size, extra = divmod(len(ids), k)
+        start = 0
+        for j in range(k):
+            end = start + size + (j < extra)
+            groups.append(ids[start:end])
+            start = end
+    return groups
+
+
+def choose_groups(spec, group_size, blocks, arch):
+    """(groups, how) from --groups / --group-size (docs/options.md "Groups").
+
+    ``spec``: None, 'paper' or e.g. '0-3,4-7'. ``group_size``: None for the default, which is
+    groups of 4 where 4 divides every stage, and the paper's groups otherwise (a Swin's 2-block
+    stages).
+    """
+    if spec is not None and spec.strip() == "paper":
+        return paper_groups(blocks, arch), "paper"
+    if spec is not None:
+        return parse_groups(spec), "explicit"
+    if group_size is not None:
+        return default_groups(blocks, group_size), f"group size {group_size}"
+    sizes = [sum(b.stage == s for b in blocks) for s in {b.stage for b in blocks}]
+    if all(n % 4 == 0 for n in sizes):
+        return default_groups(blocks, 4), "group size 4"
+    return paper_groups(blocks, arch), "paper"
 
 
 def parse_groups(spec):

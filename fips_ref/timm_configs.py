@@ -16,8 +16,10 @@ Every number below is read off timm 1.0 (huggingface/pytorch-image-models):
   ``int(embed_dim * 2 ** i)``; ``PatchMerging`` at the start of stage i >= 1 with a bias-free
   ``reduction``; ``head.fc`` classifier (``ClassifierHead``).
 
-``mean``/``std`` are extra config fields (ignored by the model code) that ``evaluate`` uses
-to normalise images the way the pretrained weights expect.
+``mean``/``std`` and ``crop_pct`` are extra config fields (ignored by the model code) that
+``evaluate`` uses to preprocess images the way the pretrained weights expect. ``crop_pct`` is
+each file's ``_cfg`` default: ``'crop_pct': .9`` in ``deit.py``, ``vision_transformer.py`` and
+``swin_transformer.py`` alike (none of the 224-px names above overrides it).
 """
 import copy
 
@@ -31,6 +33,10 @@ IMAGENET_INCEPTION_STD = (0.5, 0.5, 0.5)
 # Buffers that timm registers with persistent=False; older .pth files still carry them.
 DROPPED_BUFFERS = ("relative_position_index", "attn_mask")
 
+# Resize 256 -> CenterCrop 224: the FiPS test transform, and the timm default for models
+# without a pretrained cfg (timm/data/constants.py DEFAULT_CROP_PCT)
+FALLBACK_CROP_PCT = 0.875
+
 
 def _vit(name, embed_dim, depth, num_heads, *, distilled=False, inception_norm=False):
     """Config of a timm ViT/DeiT at 224 px, patch 16, ImageNet-1k head."""
@@ -38,7 +44,7 @@ def _vit(name, embed_dim, depth, num_heads, *, distilled=False, inception_norm=F
         "arch": "vit", "timm_name": name, "img_size": 224, "patch_size": 16, "in_chans": 3,
         "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads, "mlp_ratio": 4.0,
         "qkv_bias": True, "norm_eps": 1e-6, "class_token": True, "distilled": distilled,
-        "num_classes": 1000,
+        "num_classes": 1000, "crop_pct": 0.9,           # deit.py / vision_transformer.py _cfg
         "mean": list(IMAGENET_INCEPTION_MEAN if inception_norm else IMAGENET_DEFAULT_MEAN),
         "std": list(IMAGENET_INCEPTION_STD if inception_norm else IMAGENET_DEFAULT_STD),
     }
@@ -50,7 +56,7 @@ def _swin(name, embed_dim, depths, num_heads):
         "arch": "swin", "timm_name": name, "img_size": 224, "patch_size": 4, "in_chans": 3,
         "embed_dim": embed_dim, "depths": list(depths), "num_heads": list(num_heads),
         "window_size": 7, "mlp_ratio": 4.0, "qkv_bias": True, "norm_eps": 1e-5,
-        "num_classes": 1000,
+        "num_classes": 1000, "crop_pct": 0.9,           # swin_transformer.py _cfg
         "mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET_DEFAULT_STD),
     }
 
@@ -92,6 +98,17 @@ def timm_config(name, *, num_classes=None):
     return config
 
 
+def default_crop_pct(config):
+    """(crop_pct, where it came from) for evaluating a checkpoint of ``config``: the config's own
+    ``crop_pct``, else that of its ``timm_name`` in TIMM_CONFIGS, else 0.875 (unknown model)."""
+    if isinstance(config.get("crop_pct"), (int, float)) and 0 < config["crop_pct"] <= 1:
+        return float(config["crop_pct"]), "config"
+    known = TIMM_CONFIGS.get(config.get("timm_name"))
+    if known is not None:
+        return known["crop_pct"], f"timm {config['timm_name']}"
+    return FALLBACK_CROP_PCT, "fallback (model unknown)"
+
+
 def is_dropped_buffer(key):
     """True for a non-persistent buffer key that conversion drops."""
     return key.rsplit(".", 1)[-1] in DROPPED_BUFFERS
@@ -127,7 +144,18 @@ def _block(prefix, dim, hidden, qkv_bias):
     return shapes
 
 
-def _vit_shapes(c):
+def _hidden(c, d, fc1_key, tensors):
+    """MLP hidden width F of a block: int(d · mlp_ratio), or, without ``mlp_ratio`` in the
+    config, the first dimension of the block's fc1 weight [F, d] in ``tensors``."""
+    if "mlp_ratio" in c:
+        return int(d * c["mlp_ratio"])
+    w = (tensors or {}).get(fc1_key)
+    if w is None or len(w.shape) != 2:
+        raise InputError(f"config has no 'mlp_ratio' and key {fc1_key!r} gives no hidden width")
+    return int(w.shape[0])
+
+
+def _vit_shapes(c, tensors=None):
     """timm VisionTransformer(/Distilled) state_dict shapes."""
     D, K = c["embed_dim"], c["num_classes"]
     (H, W), (ph, pw) = _pair(c["img_size"]), _pair(c["patch_size"])
@@ -139,8 +167,8 @@ def _vit_shapes(c):
         shapes["cls_token"] = (1, 1, D)
     if distilled:
         shapes["dist_token"] = (1, 1, D)
-    hidden = int(D * c["mlp_ratio"])
     for i in range(c["depth"]):
+        hidden = _hidden(c, D, f"blocks.{i}.mlp.fc1.weight", tensors)
         shapes.update(_block(f"blocks.{i}", D, hidden, c.get("qkv_bias", True)))
     shapes.update(_norm("norm", D))
     if K > 0:
@@ -161,7 +189,7 @@ def swin_stage_resolutions(config):
     return out
 
 
-def _swin_shapes(c):
+def _swin_shapes(c, tensors=None):
     """timm SwinTransformer state_dict shapes (timm >= 0.9 layout)."""
     C0, K = c["embed_dim"], c["num_classes"]
     ph, pw = _pair(c["patch_size"])
@@ -180,7 +208,8 @@ def _swin_shapes(c):
         wh, ww = min(res[0], win[0]), min(res[1], win[1])  # window clamped to the stage grid
         for j in range(depth):
             p = f"layers.{s}.blocks.{j}"
-            shapes.update(_block(p, d, int(d * c["mlp_ratio"]), c.get("qkv_bias", True)))
+            shapes.update(_block(p, d, _hidden(c, d, f"{p}.mlp.fc1.weight", tensors),
+                                 c.get("qkv_bias", True)))
             shapes[f"{p}.attn.relative_position_bias_table"] = ((2 * wh - 1) * (2 * ww - 1), heads)
     shapes.update(_norm("norm", dims[-1]))
     if K > 0:
@@ -188,10 +217,14 @@ def _swin_shapes(c):
     return shapes
 
 
-def expected_shapes(config):
-    """Every key -> shape of the timm state_dict that ``config`` describes (no buffers)."""
+def expected_shapes(config, tensors=None):
+    """Every key -> shape of the timm state_dict that ``config`` describes (no buffers).
+
+    Without ``mlp_ratio`` in the config, each block's hidden width is read off its fc1 weight in
+    ``tensors`` (a checkpoint written by hand or by another tool may omit the field).
+    """
     if config.get("arch") == "vit":
-        return _vit_shapes(config)
+        return _vit_shapes(config, tensors)
     if config.get("arch") == "swin":
-        return _swin_shapes(config)
+        return _swin_shapes(config, tensors)
     raise InputError(f"config field 'arch' must be 'vit' or 'swin', got {config.get('arch')!r}")
