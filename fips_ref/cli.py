@@ -12,6 +12,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 
 import numpy as np
 
@@ -169,7 +170,6 @@ def run_cli(body):
     """Run ``body()`` (the CLI's work, returning its exit code) under the shared contract:
     SIGINT/SIGTERM -> 128+signal, InputError/BackendError/OSError -> 2, a closed stdout -> 141,
     each with at most one stderr line, and every registered temporary removed."""
-    import threading
     main_thread = threading.current_thread() is threading.main_thread()
     old = {s: signal.signal(s, _on_signal) for s in SIGNALS} if main_thread else {}
     try:
