@@ -138,10 +138,11 @@ def test_signal_ends_the_run_cleanly(tmp_path, inputs, sig, needle):
 
 # ----------------------------------------------------------------------------- failed writes
 def test_full_disk_names_the_users_file_and_leaves_nothing(tmp_path, inputs, capsys, monkeypatch):
-    """ENOSPC in the middle of the .npz: the line names --out (not the .tmp- file), no output,
-    no report, inputs unchanged."""
+    """ENOSPC in the middle of the .npz: the line names --out (not the .tmp- file), no report,
+    the older file under --out untouched, inputs unchanged."""
     src, out = tmp_path / "inputs", tmp_path / "out"
     before = snapshot(src)
+    (out / "c.npz").write_bytes(b"an older result")
     budget = [4096]
 
     def write(fd, data):                               # 4 KiB fit, then the disk is full
@@ -155,7 +156,8 @@ def test_full_disk_names_the_users_file_and_leaves_nothing(tmp_path, inputs, cap
                           "--report", str(out / "r.json")] + FAST)
     err = capsys.readouterr().err
     one_line(err, code, 2, out / "c.npz", "No space left")
-    assert ".tmp-" not in err and os.listdir(out) == [] and snapshot(src) == before
+    assert ".tmp-" not in err and os.listdir(out) == ["c.npz"] and snapshot(src) == before
+    assert (out / "c.npz").read_bytes() == b"an older result"
 
 
 def test_a_write_that_loses_bytes_is_caught(tmp_path, inputs, capsys, monkeypatch):
@@ -207,3 +209,21 @@ def test_usage_errors_are_one_line_in_every_cli(main, argv, flag, capsys):
     code = main(argv)
     err = capsys.readouterr().err
     one_line(err, code, 2, flag, ": error: ")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to tell files apart")
+def test_a_failed_report_keeps_the_older_output(tmp_path, inputs, capsys, monkeypatch):
+    """All or nothing: --out was already staged when --report hit a full disk; the file that
+    was under --out before the run is still there, byte for byte, and no temporary remains."""
+    src, out = tmp_path / "inputs", tmp_path / "out"
+    (out / "c.npz").write_bytes(b"an older result")
+
+    def write(fd, data):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("r.json"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return os.write(fd, data)
+    monkeypatch.setattr(outputs, "_os_write", write)
+    code = compress_main([inputs.path, "--calib-acts", str(src / "acts.npz"), "--out", str(out / "c.npz"),
+                          "--report", str(out / "r.json")] + FAST)
+    one_line(capsys.readouterr().err, code, 2, out / "r.json", "No space left")
+    assert os.listdir(out) == ["c.npz"] and (out / "c.npz").read_bytes() == b"an older result"
