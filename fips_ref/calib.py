@@ -7,15 +7,15 @@ Three sources, in the order the CLI prefers them:
                           a batch at a time (DiskArray);
   neither                 synthetic inputs h = γ·z + β from each block's norm2 affine, z ~ N(0, I).
 """
+import contextlib
 import os
-import shutil
 import struct
-import tempfile
 import zipfile
 
 import numpy as np
 
-from .checkpoint import InputError, load_npz, write_atomic
+from .checkpoint import InputError, load_npz
+from .outputs import discard, temp_folder, write_all, write_atomic
 
 
 def acts_key(i):
@@ -148,7 +148,7 @@ class DiskArray:
     @classmethod
     def create(cls, path, shape, dtype):
         """A new .npy file of ``shape`` and ``dtype`` (contents undefined until written)."""
-        with open(path, "wb") as f:
+        with open(path, "xb") as f:
             np.lib.format.write_array_header_2_0(f, _header(shape, dtype))
             f.truncate(f.tell() + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
         return cls(path, writable=True)
@@ -186,7 +186,7 @@ class DiskArray:
         if step != 1 or rows.shape != (stop - start,) + self.shape[1:]:
             raise ValueError(f"DiskArray: cannot write rows of shape {rows.shape} to [{start}:{stop}]")
         self._f.seek(self.data_offset + start * self.row_bytes)
-        self._f.write(rows.tobytes())
+        write_all(self._f.fileno(), rows)            # every byte, or OSError (e.g. disk full)
 
     def close(self):
         self._f.close()
@@ -204,27 +204,48 @@ class ActivationStore:
     def __init__(self, shapes, max_bytes, folder=None):
         total = sum(int(np.prod(s)) * 4 for s in shapes.values())
         self.mode = "memory" if 2 * total <= max_bytes else "disk"
-        self.folder = None
+        self.folder, self.where = None, os.path.abspath(folder or ".")
         if self.mode == "memory":
             self.arrays = {i: np.empty(s, np.float32) for i, s in shapes.items()}
-        else:
-            self.folder = tempfile.mkdtemp(prefix="fips-acts-", dir=folder)
-            self.arrays = {i: DiskArray.create(os.path.join(self.folder, f"{acts_key(i)}.npy"), s,
-                                               np.float16) for i, s in shapes.items()}
+        else:                                          # registered: removed on any abnormal exit
+            self.arrays = {}
+            with self._failures_named():
+                self.folder = temp_folder(self.where, "fips-acts-")
+                for i, s in shapes.items():
+                    self.arrays[i] = DiskArray.create(os.path.join(self.folder, f"{acts_key(i)}.npy"),
+                                                      s, np.float16)
         self.total_bytes = total if self.mode == "memory" else total // 2
+
+    @contextlib.contextmanager
+    def _failures_named(self):
+        """Any failure deletes the store; an OSError is re-raised naming the user's folder (the
+        folder of --out), not the hidden store."""
+        try:
+            yield
+        except OSError as e:
+            self.cleanup()
+            raise OSError(e.errno, f"cannot store calibration activations here "
+                                   f"({e.strerror or e})", self.where) from None
+        except BaseException:
+            self.cleanup()
+            raise
 
     def __call__(self, block, start, h):  # h [b, T, D]
         """Callback for models.forward(on_mlp_input=...)."""
-        self.arrays[block][start:start + h.shape[0]] = h
+        if self.mode == "memory":
+            self.arrays[block][start:start + h.shape[0]] = h
+            return
+        with self._failures_named():
+            self.arrays[block][start:start + h.shape[0]] = h
 
     def finish(self, n):
         """The first n samples of every block: {block: array or DiskArray}."""
         return {i: a[:n] if self.mode == "memory" else a.head(n) for i, a in self.arrays.items()}
 
     def cleanup(self):
-        """Delete the disk files (if any)."""
+        """Delete the disk files (if any); safe to call twice."""
         if self.folder:
             for a in self.arrays.values():
                 a.close()
-            shutil.rmtree(self.folder, ignore_errors=True)
+            discard(self.folder)
             self.folder = None

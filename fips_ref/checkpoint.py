@@ -1,4 +1,4 @@
-"""Checkpoint files: safe .npz loading, config parsing, MLP discovery, atomic writes.
+"""Checkpoint files: safe .npz loading, config parsing, MLP discovery (writes: fips_ref.outputs).
 
 A checkpoint is one .npz holding timm state_dict keys in PyTorch layout plus a JSON
 ``config`` entry (see docs/checkpoint-format.md). Every problem with a file is raised as
@@ -8,12 +8,13 @@ exit code 2.
 import json
 import os
 import re
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .outputs import save_json_atomic, save_npz_atomic, write_atomic  # noqa: F401 (re-exported)
 
 
 class InputError(ValueError):
@@ -180,34 +181,6 @@ def _check_no_stray_mlp_keys(ckpt, blocks):
     """
     mlp_keys = [k for k in ckpt.tensors if re.search(r"\.mlp\.fc[12]\.(weight|bias)$", k)]
     refuse_undeclared_blocks(ckpt.path, mlp_keys, [b.prefix for b in blocks])
-
-
-def save_npz_atomic(path, arrays):
-    """Write ``arrays`` to ``path`` via a temporary file in the same folder, then rename."""
-    write_atomic(path, lambda f: np.savez(f, **arrays))
-
-
-def save_json_atomic(path, obj):
-    """Write ``obj`` as indented JSON to ``path`` atomically."""
-    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode() + b"\n"))
-
-
-def write_atomic(path, write):
-    """Call ``write(f)`` on a temporary file in ``path``'s folder, then rename it to ``path``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)                   # mkstemp's 0600 -> the usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def json_entry(obj):

@@ -4,7 +4,6 @@ With no argument it compresses the bundled demo (weights/vit_digits.npz) with it
 calibration activations and reports accuracy before and after on the demo's held-out digits.
 Every default is the authors' where they published one; ``--help`` says where each comes from.
 """
-import argparse
 import dataclasses
 import itertools
 import os
@@ -15,11 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .backend import BackendError, device_name, load_backend, peak_device_bytes
+from .backend import device_name, load_backend, peak_device_bytes
 from .budget import storage_bits
 from .calib import ActivationStore, DiskArray, load_calib_acts, save_acts, synthetic_acts
-from .checkpoint import InputError, error_line, find_mlp_blocks, json_entry, load_checkpoint, save_json_atomic, save_npz_atomic
+from .checkpoint import InputError, find_mlp_blocks, json_entry, load_checkpoint, save_json_atomic, save_npz_atomic
+from .cli import POSITIVE_INT, HelpFormatter, OneLineParser, check_paths, parse, ranged, run_cli
 from .codec import encode, live_rank_columns
+from .outputs import all_or_nothing
 from .local_stage import LOSSES, FiPSConfig, config_dict, plan_groups, run_local_stage
 from .sharing import STRATEGIES, check_groups, choose_groups
 from .sparsity import SPARSIFIERS, density, describe
@@ -31,41 +32,6 @@ DEMO_TEST = WEIGHTS / "digits_test.npz"
 
 
 # ----------------------------------------------------------------------------- flags
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are a single line (exit code 2)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def ranged(lo, hi, lo_open=False, hi_open=False, kind=float):
-    """argparse type: a number in the interval [lo, hi] with optional open ends."""
-    def parse(text):
-        try:
-            x = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not np.isfinite(x) or x < lo or x > hi or (lo_open and x == lo) or (hi_open and x == hi):
-            lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
-            raise argparse.ArgumentTypeError(f"{text} is outside {lb}{lo}, {hi}{rb}")
-        return x
-    return parse
-
-
-POSITIVE_INT = ranged(1, 10**12, kind=int)
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Append '(default: X)' only where the help text does not already say it."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default is None or action.default is False or "default" in text \
-                or isinstance(action, argparse._StoreFalseAction):
-            return text
-        return super()._get_help_string(action)
-
-
 def build_parser():
     d = FiPSConfig()
     p = OneLineParser(prog="python -m fips_ref.compress", description=__doc__.splitlines()[0],
@@ -260,8 +226,9 @@ def storage_summary(result, arrays, original_numel, value_bits):
             "written_ratio_vs_original_16bit": written / orig16}
 
 
-def build_report(args, cfg, ckpt, blocks, result, arrays, calib, out_path, xp, seconds, accuracy):
-    """The JSON report of a run (docs/report.md)."""
+def build_report(args, cfg, ckpt, blocks, result, arrays, calib, out_path, xp, seconds, accuracy,
+                 written=None):
+    """The JSON report of a run (docs/report.md); ``written``: where the output's bytes are now."""
     original, kept, stored = mlp_counts(blocks, result)
     value_bits = np.dtype(args.storage_dtype).itemsize * 8
     return {
@@ -281,7 +248,8 @@ def build_report(args, cfg, ckpt, blocks, result, arrays, calib, out_path, xp, s
                    "mlp_kept_stored": stored, "achieved_budget_stored": stored / original,
                    "target_budget": args.budget, "v_density": density(result.masks)},
         "storage": dict(storage_summary(result, arrays, original, value_bits),
-                        file_bytes=os.path.getsize(out_path), original_file_bytes=os.path.getsize(ckpt.path)),
+                        file_bytes=os.path.getsize(written or out_path),
+                        original_file_bytes=os.path.getsize(ckpt.path)),
         "history": result.history, "wall_seconds": seconds, "peak_device_bytes": peak_device_bytes(xp),
         "accuracy": accuracy,
     }
@@ -292,20 +260,16 @@ def run(args, log):
     """The whole job; returns the report dict. Raises InputError / BackendError on bad input."""
     t0 = time.perf_counter()
     demo = args.checkpoint is None
-    ckpt = load_checkpoint(args.checkpoint or DEMO_CKPT)
+    source = str(args.checkpoint or DEMO_CKPT)
     if demo and not (args.calib_acts or args.calib):
         args.calib_acts = str(DEMO_ACTS)
     if demo and args.eval_data is None:
         args.eval_data = str(DEMO_TEST)
-    out = args.out or str(Path(ckpt.path).with_suffix("")) + ".fips.npz"
-    args.out = out
-    for flag, path in (("--out", out), ("--report", args.report), ("--save-acts", args.save_acts)):
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise InputError(f"{flag} {path}: no such folder")
-        if path and os.path.isdir(path):
-            raise InputError(f"{flag} {path}: is a folder, expected a file name")
-        if path and os.path.abspath(path) == os.path.abspath(ckpt.path):
-            raise InputError(f"{flag} {path}: would overwrite the input checkpoint")
+    args.out = args.out or str(Path(source).with_suffix("")) + ".fips.npz"
+    check_paths([("CHECKPOINT", source), ("--calib-acts", args.calib_acts), ("--calib", args.calib),
+                 ("--eval-data", args.eval_data)],
+                [("--out", args.out), ("--report", args.report), ("--save-acts", args.save_acts)])
+    ckpt = load_checkpoint(source)
     blocks = find_mlp_blocks(ckpt)
     groups, args.grouping = choose_groups(args.groups, args.group_size, blocks, ckpt.config["arch"])
     check_groups(groups, blocks)
@@ -336,17 +300,13 @@ def run(args, log):
             "schedule": dataclasses.asdict(result.schedule), "calibration": calib}
     arrays, meta = encode(ckpt, result, meta, storage_dtype=np.dtype(args.storage_dtype))
     arrays["config"], arrays["fips"] = json_entry(ckpt.config), json_entry(meta)
-    save_npz_atomic(out, arrays)
-    accuracy = None if evaluation is None else evaluate_before_after(args, ckpt, out, evaluation, xp,
-                                                                     dtype, log)
-    report = build_report(args, cfg, ckpt, blocks, result, arrays, calib, out, xp,
-                          time.perf_counter() - t0, accuracy)
+    written = save_npz_atomic(args.out, arrays)     # staged: renamed into place when run() ends
+    accuracy = None if evaluation is None else evaluate_before_after(args, ckpt, written, evaluation,
+                                                                     xp, dtype, log)
+    report = build_report(args, cfg, ckpt, blocks, result, arrays, calib, args.out, xp,
+                          time.perf_counter() - t0, accuracy, written=written)
     if args.report:
-        try:
-            save_json_atomic(args.report, report)
-        except OSError:
-            os.unlink(out)                      # all or nothing
-            raise
+        save_json_atomic(args.report, report)
     return report
 
 
@@ -387,27 +347,19 @@ def summary(report):
     return lines
 
 
-def parse(parser, argv):
-    """Parsed flags, or the exit code argparse chose (2 for usage errors, 0 for --help)."""
-    try:
-        return parser.parse_args(argv), None
-    except SystemExit as e:
-        return None, e.code
-
-
 def main(argv=None):
     args, code = parse(build_parser(), argv)
     if args is None:
         return code
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    try:
-        with np.errstate(all="ignore"):          # a diverging run is reported once, by the loss check
+
+    def body():
+        # a diverging run is reported once, by the loss check; all outputs or none (docs/robustness.md)
+        with np.errstate(all="ignore"), all_or_nothing():
             report = run(args, log)
-    except (InputError, BackendError, OSError) as e:    # OSError: a file that cannot be written
-        print(error_line(e), file=sys.stderr)
-        return 2
-    print("\n".join(summary(report)))
-    return 0
+        print("\n".join(summary(report)))
+        return 0
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ length n; n bytes of UTF-8 JSON {key: {"dtype", "shape", "data_offsets": [begin,
 bytes, offsets relative to the first byte after the header. torch is imported only to read a
 .pth/.pt file.
 """
-import argparse
 import json
 import os
 import re
@@ -20,7 +19,8 @@ import sys
 
 import numpy as np
 
-from .checkpoint import InputError, error_line, json_entry, load_checkpoint, save_npz_atomic, write_atomic
+from .checkpoint import InputError, json_entry, load_checkpoint, save_npz_atomic, write_atomic
+from .cli import OneLineParser, check_paths, parse, ranged, run_cli
 from .timm_configs import expected_shapes, is_dropped_buffer, timm_config
 
 # safetensors dtype -> little-endian NumPy dtype it is read as (BF16 as raw uint16).
@@ -247,16 +247,9 @@ def to_safetensors(src, dst):
     return sorted(tensors)
 
 
-def _non_negative_int(text):
-    """argparse type: an int >= 0."""
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return int(text)
-
-
 def build_parser():
     """The argparse parser of ``python -m fips_ref.convert``."""
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m fips_ref.convert",
         description="timm .safetensors/.pth -> checkpoint .npz, or .npz -> .safetensors. "
                     "Example: python -m fips_ref.convert model.safetensors deit_b.npz "
@@ -265,7 +258,7 @@ def build_parser():
                    help=".safetensors, .pth, .pt or .bin (timm weights); or a checkpoint .npz")
     p.add_argument("output", help=".npz (from timm weights) or .safetensors (from a checkpoint)")
     p.add_argument("--timm-name", help="timm model name (fips_ref.timm_configs.TIMM_CONFIGS)")
-    p.add_argument("--num-classes", type=_non_negative_int, default=None,
+    p.add_argument("--num-classes", type=ranged(0, 10**9, kind=int), default=None,
                    help="classifier size when it differs from the timm default (1000)")
     return p
 
@@ -275,6 +268,7 @@ def run(args):
     src, dst = args.input, args.output
     if not os.path.isfile(src):
         raise InputError(f"{src}: no such file")
+    check_paths([("INPUT", src)], [("OUTPUT", dst)])
     s, d = src.lower(), dst.lower()
     if (s.endswith(".safetensors") or s.endswith(TORCH_SUFFIXES)) and d.endswith(".npz"):
         config = to_checkpoint(src, dst, timm_name=args.timm_name, num_classes=args.num_classes)
@@ -288,13 +282,14 @@ def run(args):
 
 def main(argv=None):
     """CLI entry point; returns the exit code (2 for bad input, with one 'error:' line)."""
-    args = build_parser().parse_args(argv)
-    try:
+    args, code = parse(build_parser(), argv)
+    if args is None:
+        return code
+
+    def body():
         print(run(args))
-    except (InputError, OSError) as e:     # OSError: e.g. an output folder that is not writable
-        print(error_line(e, args.output), file=sys.stderr)
-        return 2
-    return 0
+        return 0
+    return run_cli(body)
 
 
 if __name__ == "__main__":

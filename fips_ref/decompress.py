@@ -5,9 +5,9 @@ framework loads; its MLPs compute exactly what the compressed factors compute.
 """
 import sys
 
-from .checkpoint import InputError, error_line, json_entry, load_checkpoint, save_npz_atomic
+from .checkpoint import json_entry, load_checkpoint, save_npz_atomic
+from .cli import OneLineParser, check_paths, parse, run_cli
 from .codec import decompressed_tensors, fips_meta
-from .compress import OneLineParser, parse
 
 
 def decompress(src, dst):
@@ -27,13 +27,13 @@ def main(argv=None):
     args, code = parse(p, argv)
     if args is None:
         return code
-    try:
+
+    def body():
+        check_paths([("COMPRESSED", args.compressed)], [("DENSE", args.dense)])
         decompress(args.compressed, args.dense)
-    except (InputError, OSError) as e:     # OSError: the destination cannot be written
-        print(error_line(e, args.dense), file=sys.stderr)
-        return 2
-    print(f"wrote {args.dense}")
-    return 0
+        print(f"wrote {args.dense}")
+        return 0
+    return run_cli(body)
 
 
 if __name__ == "__main__":

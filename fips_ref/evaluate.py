@@ -10,15 +10,15 @@ Metrics (docs/evaluate-and-convert.md):
   agreement  mean over n of [argmax ref_n == argmax model_n]
   mean KL    mean over n of KL(softmax(ref_n) || softmax(model_n))
 """
-import argparse
 import os
 import sys
 import time
 
 import numpy as np
 
-from .backend import BACKENDS, BackendError, load_backend, to_numpy
+from .backend import BACKENDS, load_backend, to_numpy
 from .checkpoint import InputError, load_checkpoint, load_npz, save_json_atomic
+from .cli import POSITIVE_INT, OneLineParser, check_paths, parse, ranged, run_cli
 from .images import IMAGENET_MEAN, IMAGENET_STD, iter_image_batches, list_images
 from .timm_configs import default_crop_pct
 
@@ -157,31 +157,9 @@ def _batch_sums(logits, ref, labels):
 # command line
 
 
-def _positive_int(text):
-    """argparse type: an int >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _crop_pct(text):
-    """argparse type: a float in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
-    return value
-
-
 def build_parser():
     """The argparse parser of ``python -m fips_ref.evaluate``."""
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m fips_ref.evaluate",
         description="Top-1/top-5 accuracy of a checkpoint, and agreement / KL against a "
                     "reference. Example: python -m fips_ref.evaluate compressed.npz "
@@ -192,7 +170,7 @@ def build_parser():
                         "'images' [N, C, H, W] (normalised) and optional 'labels' [N]")
     p.add_argument("--reference",
                    help="original checkpoint: adds agreement and mean KL(ref || model)")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=64)
     p.add_argument("--json", help="write the results here (atomic)")
     p.add_argument("--class-map", help="class name -> index: JSON, or text with one class per line")
     p.add_argument("--skip-bad-images", action="store_true",
@@ -200,14 +178,14 @@ def build_parser():
     p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="array backend (default: $FIPS_REF_BACKEND or numpy)")
     p.add_argument("--dtype", choices=("float32", "float64"), default=None)
-    p.add_argument("--img-size", type=_positive_int, default=None,
+    p.add_argument("--img-size", type=POSITIVE_INT, default=None,
                    help="square input side for image folders (default: config img_size; the model must accept it)")
-    p.add_argument("--crop-pct", type=_crop_pct, default=None,
+    p.add_argument("--crop-pct", type=ranged(0, 1, lo_open=True), default=None,
                    help="resize shorter side to floor(img_size / crop_pct) before the centre "
                         "crop (default: the model's timm pretrained crop_pct, 0.9 for every "
                         "DeiT/ViT/Swin in fips_ref.timm_configs; 0.875 when the model is "
                         "unknown. 0.875 = Resize 256 -> CenterCrop 224, the FiPS test transform)")
-    p.add_argument("--limit", type=_positive_int, default=None,
+    p.add_argument("--limit", type=POSITIVE_INT, default=None,
                    help="evaluate N images spread evenly over the data "
                         "(indices floor(i * total / N))")
     return p
@@ -345,25 +323,22 @@ def format_table(result):
 
 
 def main(argv=None):
-    """CLI entry point; returns the exit code (2 for bad input, with one 'error:' line)."""
-    args = build_parser().parse_args(argv)
-    try:
+    """CLI entry point; returns the exit code (2 for bad input, with one 'error:' line;
+    docs/robustness.md)."""
+    args, code = parse(build_parser(), argv)
+    if args is None:
+        return code
+
+    def body():
+        check_paths([("CHECKPOINT", args.checkpoint), ("--data", args.data),
+                     ("--reference", args.reference), ("--class-map", args.class_map)],
+                    [("--json", args.json)])
         result = run(args)
         if args.json:
-            _write_json(args.json, result)
-    except (InputError, BackendError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_table(result))
-    return 0
-
-
-def _write_json(path, result):
-    """save_json_atomic, with a failure reported as InputError naming the file."""
-    try:
-        save_json_atomic(path, result)
-    except OSError as e:
-        raise InputError(f"{path}: cannot write JSON ({e.strerror or e})") from None
+            save_json_atomic(args.json, result)
+        print(format_table(result))
+        return 0
+    return run_cli(body)
 
 
 if __name__ == "__main__":

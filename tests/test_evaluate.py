@@ -132,9 +132,9 @@ def run_cli(capsys, *argv):
 
 
 def assert_clean_failure(code, err, *names):
-    """Exit 2 with exactly one line on stderr, starting with 'error:' (or argparse's usage)."""
+    """Exit 2 with exactly one line on stderr: 'error: ...', or 'PROG: error: ...' for a flag."""
     assert code == 2, err
-    assert err.startswith("error: ") and err.count("\n") == 1 or "usage:" in err, err
+    assert err.count("\n") == 1 and (err.startswith("error: ") or ": error: " in err), err
     for name in names:
         assert str(name) in err, (name, err)
 
