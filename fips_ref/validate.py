@@ -202,7 +202,7 @@ _SIZE_FIELDS = (  # field, upper limit, kind ('int', 'pair' = int or [h, w], 'in
 def validate_config(path, config):
     """Types and sizes of every config field that sizes an allocation or a loop, before any.
 
-    arch 'vit' or 'swin'; depth (ViT) or depths (Swin) positive ints, MAX_BLOCKS in all;
+    arch 'vit' or 'swin'; depth (ViT, >= 0) or depths (Swin, each > 0), MAX_BLOCKS in all;
     sizes within the limits above; mlp_ratio finite and positive; mean/std finite, std > 0
     (std 0 would turn every image into Inf). Fields a reader does not need may be absent.
     """
@@ -213,10 +213,10 @@ def validate_config(path, config):
     if arch not in ("vit", "swin"):
         raise InputError(f"{path}: config field 'arch' must be 'vit' or 'swin', got {arch!r}")
     if arch == "vit":
-        if not _int_in(config.get("depth"), 1, MAX_BLOCKS):
+        if not _int_in(config.get("depth"), 0, MAX_BLOCKS):
             if "depth" not in config:
                 raise InputError(f"{path}: config field 'depth' is missing")
-            bad("depth", f"a positive int <= {MAX_BLOCKS}")
+            bad("depth", f"an int in [0, {MAX_BLOCKS}]")
         _optional(config, "num_heads", lambda v: _int_in(v, 1, MAX_HEADS), bad,
                   f"a positive int <= {MAX_HEADS}")
     else:
