@@ -207,7 +207,7 @@ def validate_config(path, config):
     (std 0 would turn every image into Inf). Fields a reader does not need may be absent.
     """
     def bad(name, want):
-        raise InputError(f"{path}: config field {name!r} must be {want}, got {str(config[name])[:60]}")
+        raise InputError(f"{path}: config field {name!r} must be {want}, got {repr(config[name])[:60]}")
 
     arch = config.get("arch")
     if arch not in ("vit", "swin"):
