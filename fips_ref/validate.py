@@ -25,6 +25,7 @@ MAX_CLASSES = 1_000_000    # num_classes (ImageNet-21k: 21841)
 MAX_CHANS = 64             # in_chans
 MAX_NDIM = 32              # dimensions of one stored tensor (NumPy's own limit is 64)
 MAX_JSON_DEPTH = 64        # nesting of a config / metadata / safetensors header JSON
+MAX_STEPS = 10**7          # optimizer steps of one local stage (the authors run 600)
 
 
 # ----------------------------------------------------------------------------- numbers
@@ -87,6 +88,17 @@ def check_memory(nbytes, what, flag=None):
         hint = f"; lower {flag}" if flag else ""
         raise InputError(f"{what} needs {nbytes / 2**30:.3g} GiB, more than this machine's "
                          f"{total / 2**30:.3g} GiB of memory{hint}")
+
+
+def check_steps(epochs, samples, batch_size):
+    """The local stage's run length: epochs · ⌈samples / batch⌉ steps <= MAX_STEPS, and its batch
+    order (one int64 permutation of the samples per epoch) within the machine's memory."""
+    steps = epochs * -(-samples // batch_size)
+    if steps > MAX_STEPS:
+        raise InputError(f"--epochs {epochs} with {samples} samples in batches of {batch_size} is "
+                         f"{steps} steps, more than {MAX_STEPS}; lower --epochs")
+    check_memory(epochs * samples * 8, f"--epochs {epochs}: the batch order of {samples} samples",
+                 "--epochs")
 
 
 # ----------------------------------------------------------------------------- files
