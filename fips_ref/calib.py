@@ -234,7 +234,7 @@ class ActivationStore:
         float16 cannot hold (they would turn into Inf)."""
         where = f"the MLP input of block {block} on calibration images {start}..{start + len(h) - 1}"
         finite_or_error(where, h)
-        if self.mode == "disk" and h.size and float(np.abs(h).max()) > np.finfo(np.float16).max:
+        if self.mode == "disk" and h.size and float(np.abs(h).max()) > float(np.finfo(np.float16).max):
             raise InputError(f"{where} exceeds float16's range (stored on disk as float16); "
                              "raise --max-memory to keep it in float32")
         self.arrays[block][start:start + h.shape[0]] = h
