@@ -9,6 +9,7 @@ Three sources, in the order the CLI prefers them:
 """
 import contextlib
 import os
+import shutil
 import struct
 import zipfile
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from .checkpoint import InputError, load_npz
 from .outputs import discard, temp_folder, write_all, write_atomic
+from .validate import check_memory, finite_or_error, npz_headers, shape_nbytes, verify_member_crc
 
 
 def acts_key(i):
@@ -48,8 +50,7 @@ def load_calib_acts(path, blocks, max_bytes=None):
         if a.ndim not in (2, 3) or a.shape[-1] != b.d or a.dtype.kind != "f":
             raise InputError(f"{path}: key {key!r} has shape {a.shape} and dtype {a.dtype}; "
                              f"expected floats [M, {b.d}] or [N, T, {b.d}]")
-        if not all_finite(a):
-            raise InputError(f"{path}: key {key!r} contains NaN or Inf")
+        finite_or_error(f"{path}: key {key!r}", a)
         acts[b.index] = a
     if len({a.shape[0] for a in acts.values()}) > 1:
         raise InputError(f"{path}: blocks have different sample counts")
@@ -58,35 +59,37 @@ def load_calib_acts(path, blocks, max_bytes=None):
 
 def _npz_members(path, keys):
     """{key: DiskArray} over the members ``keys`` of an .npz, or None unless all are stored
-    uncompressed, C-ordered and numeric (then load_npz reads the file and reports problems)."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            infos = {i.filename[:-4]: i for i in z.infolist() if i.filename.endswith(".npy")}
-    except (OSError, zipfile.BadZipFile):
-        return None
-    if any(k not in infos or infos[k].compress_type != zipfile.ZIP_STORED for k in keys):
+    uncompressed (then load_npz reads the file whole). Headers are checked against member
+    sizes and each member's CRC-32 is verified (streamed) before it is used from disk."""
+    headers = npz_headers(path)
+    if any(k not in headers or headers[k][2].compress_type != zipfile.ZIP_STORED for k in keys):
         return None
     out = {}
     try:
         with open(path, "rb") as f:
-            for k in keys:                           # data follow the 30-byte local header
-                f.seek(infos[k].header_offset + 26)
+            for k in keys:
+                verify_member_crc(path, k)
+                info = headers[k][2]                 # data follow the 30-byte local header
+                f.seek(info.header_offset + 26)
                 name_len, extra_len = struct.unpack("<HH", f.read(4))
-                out[k] = DiskArray(path, offset=infos[k].header_offset + 30 + name_len + extra_len)
-    except (InputError, OSError, struct.error):
+                out[k] = DiskArray(path, offset=info.header_offset + 30 + name_len + extra_len,
+                                   nbytes=info.file_size)
+    except (OSError, struct.error) as e:
         for a in out.values():
             a.close()
-        return None
+        raise InputError(f"{path}: cannot read its members ({e})") from None
+    except InputError:
+        for a in out.values():
+            a.close()
+        raise
     return out
-
-
-def all_finite(a, chunk=256):
-    """No NaN or Inf in a (checked ``chunk`` rows at a time, so DiskArrays stay on disk)."""
-    return all(np.isfinite(a[s:s + chunk]).all() for s in range(0, a.shape[0], chunk))
 
 
 def synthetic_acts(ckpt, blocks, *, samples, tokens, seed):
     """h = γ ⊙ z + β with z ~ N(0, I), γ, β the block's norm2 affine: [samples, tokens, D] per block."""
+    check_memory(2 * samples * tokens * sum(b.d for b in blocks) * 4,
+                 f"--synthetic-samples {samples}: synthetic MLP inputs and cached targets",
+                 "--synthetic-samples")
     rng = np.random.default_rng(seed)
     acts = {}
     for b in blocks:
@@ -123,7 +126,7 @@ class DiskArray:
     process holds only the rows in hand; the file's pages are the kernel's page cache.
     """
 
-    def __init__(self, path, offset=0, rows=None, writable=False):
+    def __init__(self, path, offset=0, rows=None, writable=False, nbytes=None):
         self.path, self.offset = os.fspath(path), offset
         self._f = open(self.path, "r+b" if writable else "rb", buffering=0)
         self._f.seek(offset)
@@ -135,10 +138,15 @@ class DiskArray:
         except ValueError as e:
             self._f.close()
             raise InputError(f"{self.path}: not a .npy array ({e})") from None
-        if fortran or dtype.hasobject or not shape:
+        if fortran or dtype.hasobject or not shape or not all(s >= 0 for s in shape):
             self._f.close()
             raise InputError(f"{self.path}: expected a C-ordered numeric array with rows")
         self.data_offset = self._f.tell()
+        have = (os.path.getsize(self.path) - offset) if nbytes is None else nbytes
+        if self.data_offset - offset + shape_nbytes(shape, dtype.itemsize) > have:
+            self._f.close()
+            raise InputError(f"{self.path}: array header says {list(shape)} {dtype}, more than "
+                             f"the {have} bytes stored (truncated or tampered)")
         self.shape = (shape[0] if rows is None else min(rows, shape[0]),) + tuple(shape[1:])
         self.dtype = dtype
         self.ndim = len(self.shape)
@@ -202,9 +210,17 @@ class ActivationStore:
     """
 
     def __init__(self, shapes, max_bytes, folder=None):
-        total = sum(int(np.prod(s)) * 4 for s in shapes.values())
+        total = sum(shape_nbytes(s, 4) for s in shapes.values())
         self.mode = "memory" if 2 * total <= max_bytes else "disk"
         self.folder, self.where = None, os.path.abspath(folder or ".")
+        check_memory(2 * total if self.mode == "memory" else 0,
+                     "calibration activations and cached targets", "--max-memory")
+        if self.mode == "disk":
+            free = shutil.disk_usage(self.where).free
+            if total // 2 > free:
+                raise InputError(f"calibration activations need {total / 2**31:.3g} GiB of disk "
+                                 f"in {self.where}, which has {free / 2**30:.3g} GiB free; "
+                                 "lower --calib-images")
         if self.mode == "memory":
             self.arrays = {i: np.empty(s, np.float32) for i, s in shapes.items()}
         else:                                          # registered: removed on any abnormal exit
@@ -231,10 +247,16 @@ class ActivationStore:
             raise
 
     def __call__(self, block, start, h):  # h [b, T, D]
-        """Callback for models.forward(on_mlp_input=...)."""
+        """Callback for models.forward(on_mlp_input=...); refuses NaN/Inf, and on disk values
+        float16 cannot hold (they would turn into Inf)."""
+        where = f"the MLP input of block {block} on calibration images {start}..{start + len(h) - 1}"
+        finite_or_error(where, h)
         if self.mode == "memory":
             self.arrays[block][start:start + h.shape[0]] = h
             return
+        if h.size and float(np.abs(h).max()) > float(np.finfo(np.float16).max):
+            raise InputError(f"{where} exceeds float16's range (stored on disk as float16); "
+                             "raise --max-memory to keep it in float32")
         with self._failures_named():
             self.arrays[block][start:start + h.shape[0]] = h
 

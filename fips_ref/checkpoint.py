@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .outputs import save_json_atomic, save_npz_atomic, write_atomic  # noqa: F401 (re-exported)
+from .validate import (InputError, check_memory, finite_or_error, npz_headers, parse_json,  # noqa: F401
+                       shape_nbytes, validate_config)
 
 
-class InputError(ValueError):
-    """Bad user input (file, key or flag). The message is one line; CLIs exit with code 2."""
 
 
 def error_line(e, path=""):
@@ -53,23 +53,25 @@ class MLPBlock:
 
 
 def load_npz(path, what="file"):
-    """Load every array of an .npz eagerly, refusing pickles; raise InputError naming the file."""
+    """Load every array of an .npz eagerly, refusing pickles; raise InputError naming the file.
+
+    Every member's .npy header is checked against the member's size, and their total against
+    the machine's memory, before anything is allocated (validate.npz_headers); zipfile checks
+    each member's CRC-32 as it is read.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such {what}")
+    headers = npz_headers(path)
+    check_memory(sum(shape_nbytes(h[0], h[1].itemsize) for h in headers.values()),
+                 f"{path}: reading its arrays")
     try:
-        z = np.load(path, allow_pickle=False)
-        if not isinstance(z, np.lib.npyio.NpzFile):
-            raise InputError(f"{path}: not an .npz archive (a single .npy array)")
-        with z:
+        with np.load(path, allow_pickle=False) as z:
             out = {}
             for k in z.files:
                 try:
                     out[k] = z[k]
                 except ValueError as e:
-                    if "allow_pickle" in str(e):
-                        raise InputError(f"{path}: key {k!r} holds a pickled object array; "
-                                         "refusing to load it") from None
                     raise InputError(f"{path}: key {k!r} cannot be read ({e})") from None
             return out
     except InputError:
@@ -80,44 +82,28 @@ def load_npz(path, what="file"):
 
 
 def parse_json_entry(path, arrays, key):
-    """Parse the 0-d string array ``arrays[key]`` as a JSON object."""
+    """Parse the 0-d string array ``arrays[key]`` as a JSON object (nesting limited)."""
     if key not in arrays:
         raise InputError(f"{path}: missing key {key!r}")
     a = arrays[key]
-    try:
-        value = json.loads(str(a.item() if a.ndim == 0 else a))
-    except (ValueError, TypeError):
-        value = None
+    if a.ndim != 0 or a.dtype.kind not in "US":
+        raise InputError(f"{path}: key {key!r} is not a JSON string (0-d str array), "
+                         f"got shape {a.shape} {a.dtype}")
+    value = parse_json(str(a.item()), f"{path}: key {key!r}")
     if not isinstance(value, dict):
         raise InputError(f"{path}: key {key!r} is not a JSON object")
-    return value
-
-
-def _require(path, config, name, kind):
-    value = config.get(name)
-    ok = isinstance(value, kind) and not isinstance(value, bool) if kind is int else isinstance(value, kind)
-    if not ok:
-        raise InputError(f"{path}: config field {name!r} is missing or not {kind.__name__}")
     return value
 
 
 def load_checkpoint(path):
     """Load and validate a checkpoint (config + finite tensors); see docs/checkpoint-format.md."""
     arrays = load_npz(path, "checkpoint")
-    config = parse_json_entry(path, arrays, "config")
-    arch = config.get("arch")
-    if arch not in ("vit", "swin"):
-        raise InputError(f"{path}: config field 'arch' must be 'vit' or 'swin', got {arch!r}")
-    if arch == "vit":
-        _require(path, config, "depth", int)
-    else:
-        depths = _require(path, config, "depths", list)
-        if not all(isinstance(x, int) and x > 0 for x in depths):
-            raise InputError(f"{path}: config field 'depths' must be a list of positive ints")
+    config = validate_config(path, parse_json_entry(path, arrays, "config"))
     extra = {k: arrays.pop(k) for k in ("config", "fips") if k in arrays}
     for k, a in arrays.items():
-        if a.dtype.kind == "f" and not np.isfinite(a).all():
-            raise InputError(f"{path}: key {k!r} contains NaN or Inf")
+        if a.dtype.kind not in "biuf":
+            raise InputError(f"{path}: key {k!r} has dtype {a.dtype}, expected real numbers")
+        finite_or_error(f"{path}: key {k!r}", a)
     return Checkpoint(path=os.fspath(path), config=config, tensors=arrays, extra=extra)
 
 

@@ -10,10 +10,12 @@ Layout of a compressed .npz (docs/compressed-format.md):
   (L = 2n·cols, the width of the group's V.)
   ``config``           the original config; ``fips``  JSON metadata (groups, ranks, run).
 """
+import re
+
 import numpy as np
 
 from .backend import to_numpy
-from .checkpoint import InputError
+from .checkpoint import InputError, check_memory
 from .sharing import Layer, layer_factors
 
 FORMAT_VERSION = 1
@@ -62,44 +64,181 @@ def _layer_mask(result, layer):  # -> bool [R, cols] on the host
 
 
 # ----------------------------------------------------------------------------- reading
+MAX_DIM = 2**20  # rows, cols and rank of a group (the widest timm MLP hidden: 24576)
+_LAYER_KEY = re.compile(r"(.+)\.mlp\.fc([12])")
+
+
 def fips_meta(ckpt):
-    """The parsed 'fips' metadata of a compressed checkpoint (InputError if absent or malformed)."""
-    from .checkpoint import parse_json_entry
+    """The 'fips' metadata of a compressed checkpoint, validated against its arrays.
+
+    Every reader (decompress, evaluate, convert, the model forward) comes through here, so a
+    tampered file is refused before it becomes weights: see ``validate_compressed``.
+    """
+    return validate_compressed(ckpt)
+
+
+def validate_compressed(ckpt):
+    """Check a compressed checkpoint against docs/compressed-format.md; return its metadata.
+
+    Checked, in order: format version; per group the integer fields (rows, cols, rank in
+    [1, MAX_DIM], index unique); layer keys ``{prefix}.mlp.fc1/fc2`` of blocks of the config,
+    in fc1, fc2 pairs, each key once in the file, ``block`` its position; the fc biases;
+    ``basis_first`` consistent with the bias widths (fc1 reads D, fc2 reads F) and with the
+    sharing strategy (one side of U for the whole group); U [rows, R] real floats; the mask
+    uint8 (packed, zero padding) or bool with one bit per V entry; values 1-D real floats, one
+    per set bit, and per-layer ``nnz``; no dense weight next to its factors; no stray fips.* key.
+    """
+    from .checkpoint import block_prefixes, parse_json_entry
+    path = ckpt.path
     if "fips" not in ckpt.extra:
-        raise InputError(f"{ckpt.path}: not a compressed checkpoint (no 'fips' entry)")
-    meta = parse_json_entry(ckpt.path, ckpt.extra, "fips")
+        raise InputError(f"{path}: not a compressed checkpoint (no 'fips' entry)")
+    meta = parse_json_entry(path, ckpt.extra, "fips")
     if meta.get("format_version") != FORMAT_VERSION or not isinstance(meta.get("groups"), list):
-        raise InputError(f"{ckpt.path}: key 'fips' has an unsupported format "
+        raise InputError(f"{path}: key 'fips' has an unsupported format "
                          f"(version {meta.get('format_version')!r}, expected {FORMAT_VERSION})")
+    prefixes = {p: i for i, (p, _) in enumerate(block_prefixes(ckpt.config))}
+    run = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    indices, keys = set(), set()
     for g in meta["groups"]:
-        ok = isinstance(g, dict) and all(isinstance(g.get(f), int) for f in ("index", "rows", "cols", "rank")) \
-            and isinstance(g.get("layers"), list) and all(
-                isinstance(l, dict) and isinstance(l.get("key"), str) and isinstance(l.get("block"), int)
-                and isinstance(l.get("basis_first"), bool) for l in g["layers"])
-        if not ok:
-            raise InputError(f"{ckpt.path}: key 'fips' has a malformed group entry {str(g)[:80]}")
+        _check_group_fields(path, g, indices)
+        for layer in _check_layers(path, g, prefixes, keys):
+            _check_orientation(ckpt, g, layer, run.get("concat"))
+        _check_group_arrays(ckpt, g)
+    referenced = {f"fips.{kind}.{g['index']}" for g in meta["groups"] for kind in ("U", "mask", "values")}
+    for k in ckpt.tensors:
+        if k.startswith("fips.") and k not in referenced:
+            raise InputError(f"{path}: key {k!r} belongs to no group of the 'fips' metadata")
     return meta
 
 
+def _bad(path, g, why):
+    return InputError(f"{path}: key 'fips' group {str(g.get('index', '?'))[:20]}: {why}")
+
+
+def _is_int(v, lo, hi):
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _check_group_fields(path, g, indices):
+    """index (unique), rows, cols, rank of one group entry."""
+    if not isinstance(g, dict):
+        raise InputError(f"{path}: key 'fips' has a malformed group entry {str(g)[:80]}")
+    if not _is_int(g.get("index"), 0, MAX_DIM) or g["index"] in indices:
+        raise _bad(path, g, "'index' must be an int >= 0, unique")
+    indices.add(g["index"])
+    for f in ("rows", "cols", "rank"):
+        if not _is_int(g.get(f), 1, MAX_DIM):
+            raise _bad(path, g, f"{f!r} must be an int in [1, {MAX_DIM}], got {str(g.get(f))[:20]}")
+    if not isinstance(g.get("layers"), list) or not g["layers"] or len(g["layers"]) % 2:
+        raise _bad(path, g, "'layers' must be a non-empty list of fc1, fc2 pairs")
+    n = len(g["layers"])
+    check_memory(n * g["rank"] * g["cols"] * 5, f"{path}: V of fips group {g['index']} "
+                 f"({n} x {g['rank']} x {g['cols']})")
+
+
+def _check_layers(path, g, prefixes, keys):
+    """Layer entries: keys of the config's blocks, fc1 then fc2 of each block, each key once."""
+    blocks = []
+    for j, layer in enumerate(g["layers"]):
+        if not (isinstance(layer, dict) and isinstance(layer.get("key"), str)
+                and isinstance(layer.get("basis_first"), bool)
+                and _is_int(layer.get("block"), 0, 2**31) and _is_int(layer.get("nnz"), 0, 2**62)):
+            raise _bad(path, g, f"malformed layer entry {str(layer)[:80]}")
+        key, m = layer["key"], _LAYER_KEY.fullmatch(layer["key"])
+        if m is None or m.group(1) not in prefixes:
+            raise _bad(path, g, f"layer key {key[:60]!r} is not a block MLP of the config")
+        if m.group(2) != "12"[j % 2] or (j % 2 and m.group(1) != g["layers"][j - 1]["key"][:-8]):
+            raise _bad(path, g, f"layer {j} is {key!r}; layers must be fc1, fc2 of each block in turn")
+        if layer["block"] != prefixes[m.group(1)]:
+            raise _bad(path, g, f"layer {key!r} says block {layer['block']}, the config has "
+                                f"{m.group(1)} at {prefixes[m.group(1)]}")
+        if key in keys:
+            raise _bad(path, g, f"layer {key!r} is compressed twice")
+        keys.add(key)
+        blocks.append(layer["block"])
+    if "blocks" in g and g["blocks"] != blocks[::2]:
+        raise _bad(path, g, f"'blocks' {str(g['blocks'])[:40]} disagrees with its layers {blocks[::2]}")
+    return g["layers"]
+
+
+def _check_orientation(ckpt, g, layer, concat):
+    """basis_first: the layer's math weight [in, out] is U V [rows, cols] or (U V)ᵀ (paper §3).
+
+    fc1 reads D and writes F, fc2 the reverse (the widths read off the trained biases); in a
+    group U sits on one side, so every fc1 has the same basis_first and every fc2 the other
+    (long: fc1 True; short: fc1 False).
+    """
+    path, key = ckpt.path, layer["key"]
+    prefix, fc = key[:-8], key[-3:]
+    if f"{key}.weight" in ckpt.tensors:
+        raise _bad(path, g, f"the file holds both {key}.weight and its FiPS factors")
+    widths = {}
+    for name in ("fc1", "fc2"):
+        b = ckpt.tensors.get(f"{prefix}.mlp.{name}.bias")
+        if b is None or b.ndim != 1 or b.dtype.kind != "f":
+            raise InputError(f"{path}: missing or malformed key '{prefix}.mlp.{name}.bias' "
+                             "(a 1-D float array)")
+        widths[name] = b.shape[0]
+    fin, fout = (widths["fc2"], widths["fc1"]) if fc == "fc1" else (widths["fc1"], widths["fc2"])
+    rows, cols, bf = g["rows"], g["cols"], layer["basis_first"]
+    if (rows, cols) != ((fin, fout) if bf else (fout, fin)):
+        raise _bad(path, g, f"layer {key!r} with basis_first {bf} gives a [{rows if bf else cols}, "
+                            f"{cols if bf else rows}] weight, its biases need [{fin}, {fout}]")
+    fc1_bf = bf if fc == "fc1" else not bf
+    first = g["layers"][0]["basis_first"]
+    if fc1_bf != first or (concat in ("long", "short") and fc1_bf != (concat == "long")):
+        raise _bad(path, g, f"layer {key!r} has basis_first {bf}, inconsistent with the "
+                            f"group's shared U (concat {concat!r})")
+
+
+def _check_group_arrays(ckpt, g):
+    """U, mask and values of one group against its metadata."""
+    path, i = ckpt.path, g["index"]
+    U, mask, values = (_get(ckpt, f"fips.{k}.{i}") for k in ("U", "mask", "values"))
+    if U.dtype.kind != "f" or U.shape != (g["rows"], g["rank"]):
+        raise InputError(f"{path}: key 'fips.U.{i}' is {U.shape} {U.dtype}, expected "
+                         f"[{g['rows']}, {g['rank']}] real floats")
+    counts = _mask_counts(path, i, mask, len(g["layers"]), g["rank"] * g["cols"])
+    if values.ndim != 1 or values.dtype.kind != "f" or values.size != sum(counts):
+        raise InputError(f"{path}: key 'fips.values.{i}' is {values.shape} {values.dtype}, "
+                         f"expected [{sum(counts)}] real floats (one per set mask bit)")
+    for layer, c in zip(g["layers"], counts):
+        if layer["nnz"] != c:
+            raise InputError(f"{path}: key 'fips' says layer {layer['key']!r} has nnz "
+                             f"{layer['nnz']}, its mask has {c}")
+
+
+def _get(ckpt, key):
+    if key not in ckpt.tensors:
+        raise InputError(f"{ckpt.path}: missing key {key!r}")
+    return ckpt.tensors[key]
+
+
+def _mask_counts(path, i, mask, n, per_layer):
+    """Set bits of each layer's slice of a packed uint8 (zero padding) or bool mask."""
+    total = n * per_layer
+    packed = mask.dtype == np.uint8
+    want = -(-total // 8) if packed else total
+    if mask.ndim != 1 or mask.dtype not in (np.uint8, np.bool_) or mask.size != want:
+        raise InputError(f"{path}: key 'fips.mask.{i}' is {mask.shape} {mask.dtype}, expected "
+                         f"uint8 [{-(-total // 8)}] (packed bits) or bool [{total}]")
+    bits = _mask_bits(mask, total)
+    if packed and total % 8 and mask[-1] & ((1 << (8 - total % 8)) - 1):
+        raise InputError(f"{path}: key 'fips.mask.{i}' has bits set past its {total} entries")
+    return [int(bits[j * per_layer:(j + 1) * per_layer].sum()) for j in range(n)]
+
+
+def _mask_bits(mask, total):  # uint8 [⌈total/8⌉] or bool [total] -> bool [total]
+    return np.unpackbits(mask, count=total).astype(bool) if mask.dtype == np.uint8 else mask
+
+
 def group_factors(ckpt, g):
-    """(U [rows, R], [V_j [R, cols]], [Layer]) of one group's metadata entry, as float32 NumPy."""
-    def get(key):
-        if key not in ckpt.tensors:
-            raise InputError(f"{ckpt.path}: missing key {key!r}")
-        return ckpt.tensors[key]
-    U = get(f"fips.U.{g['index']}").astype(np.float32)
+    """(U [rows, R], [V_j [R, cols]], [Layer]) of one validated group entry, as float32 NumPy."""
+    U = ckpt.tensors[f"fips.U.{g['index']}"].astype(np.float32)
     rank, cols, n = g["rank"], g["cols"], len(g["layers"])
-    if U.shape != (g["rows"], rank):
-        raise InputError(f"{ckpt.path}: key 'fips.U.{g['index']}' has shape {U.shape}, "
-                         f"expected {(g['rows'], rank)}")
-    bits = np.unpackbits(get(f"fips.mask.{g['index']}"))
-    values = get(f"fips.values.{g['index']}")
-    if bits.size < n * rank * cols or int(bits[:n * rank * cols].sum()) != values.size:
-        raise InputError(f"{ckpt.path}: keys 'fips.mask.{g['index']}' and "
-                         f"'fips.values.{g['index']}' disagree")
-    mask = bits[:n * rank * cols].astype(bool).reshape(n, rank, cols)
+    mask = _mask_bits(ckpt.tensors[f"fips.mask.{g['index']}"], n * rank * cols)
     V = np.zeros((n, rank, cols), dtype=np.float32)
-    V[mask] = values
+    V[mask.reshape(n, rank, cols)] = ckpt.tensors[f"fips.values.{g['index']}"]
     layers = [Layer(l["key"], l["block"], l["basis_first"]) for l in g["layers"]]
     return U, list(V), layers
 

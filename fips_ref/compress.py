@@ -24,6 +24,7 @@ from .outputs import all_or_nothing
 from .local_stage import LOSSES, FiPSConfig, config_dict, plan_groups, run_local_stage
 from .sharing import STRATEGIES, check_groups, choose_groups
 from .sparsity import SPARSIFIERS, density, describe
+from .validate import check_steps
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 DEMO_CKPT = WEIGHTS / "vit_digits.npz"
@@ -283,6 +284,7 @@ def run(args, log):
         evaluation = eval_data(args.eval_data, ckpt, batch_size=args.batch_size, need_labels=True)[:2]
     acts, calib, store = calibration(args, ckpt, blocks, xp, log)
     try:
+        check_steps(args.epochs, len(next(iter(acts.values()))), args.batch_size)
         if args.save_acts:
             save_acts(args.save_acts, acts)
         step_log = None if args.quiet else (lambda s, n, e, loss, sp: log(

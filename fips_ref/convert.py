@@ -22,6 +22,7 @@ import numpy as np
 from .checkpoint import InputError, json_entry, load_checkpoint, save_npz_atomic, write_atomic
 from .cli import OneLineParser, check_paths, parse, ranged, run_cli
 from .timm_configs import expected_shapes, is_dropped_buffer, timm_config
+from .validate import MAX_NDIM, check_memory, finite_or_error, is_index, parse_json, shape_nbytes
 
 # safetensors dtype -> little-endian NumPy dtype it is read as (BF16 as raw uint16).
 READ_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4"}
@@ -51,9 +52,10 @@ def read_safetensors_header(path):
                              f"({size} bytes)")
         raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise InputError(f"{path}: safetensors header is not valid JSON ({e})") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: safetensors header is not UTF-8 ({e})") from None
+    header = parse_json(text, f"{path}: safetensors header")
     if not isinstance(header, dict):
         raise InputError(f"{path}: safetensors header is not a JSON object")
     return header, 8 + n, size - 8 - n
@@ -63,15 +65,16 @@ def _entry(path, key, info, data_size):
     """Validate one header entry; returns (dtype name, shape tuple, begin, end)."""
     try:
         dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        ok = all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end))
+        ok = len(shape) <= MAX_NDIM and all(is_index(v) for v in (*shape, begin, end))
     except (TypeError, KeyError, ValueError):
         ok = False
     if not ok:
-        raise InputError(f"{path}: key {key!r} has a malformed safetensors header entry")
-    if dtype not in READ_DTYPES:
-        raise InputError(f"{path}: key {key!r} has unsupported dtype {dtype!r} "
+        raise InputError(f"{path}: key {key!r} has a malformed safetensors header entry "
+                         "(dtype, shape of ints >= 0, data_offsets [begin, end])")
+    if not isinstance(dtype, str) or dtype not in READ_DTYPES:
+        raise InputError(f"{path}: key {key!r} has unsupported dtype {str(dtype)[:20]!r} "
                          f"(supported: {', '.join(FLOAT_DTYPES)})")
-    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(READ_DTYPES[dtype]).itemsize
+    nbytes = shape_nbytes(shape, np.dtype(READ_DTYPES[dtype]).itemsize)   # exact: no int64 wrap
     if end - begin != nbytes or end > data_size:
         raise InputError(f"{path}: key {key!r} has data_offsets [{begin}, {end}] that do not fit "
                          f"shape {list(shape)} {dtype} in the {data_size}-byte data section")
@@ -91,19 +94,31 @@ def read_safetensors(path, *, skip=is_dropped_buffer):
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
         raise InputError(f"{path}: safetensors '__metadata__' is not a JSON object")
+    entries = {key: _entry(path, key, info, data_size) for key, info in header.items()
+               if not skip(key)}
+    _check_layout(path, entries)
     tensors = {}
     with open(path, "rb") as f:
-        for key, info in header.items():
-            if skip(key):
-                continue
-            dtype, shape, begin, end = _entry(path, key, info, data_size)
+        for key, (dtype, shape, begin, end) in entries.items():
             if dtype not in FLOAT_DTYPES:
                 raise InputError(f"{path}: key {key!r} has unsupported dtype {dtype!r} for a "
                                  f"weight (supported: {', '.join(FLOAT_DTYPES)})")
             f.seek(start + begin)
             raw = np.frombuffer(f.read(end - begin), dtype=READ_DTYPES[dtype]).reshape(shape)
             tensors[key] = bf16_to_f32(raw) if dtype == "BF16" else raw.astype(np.float32)
+            finite_or_error(f"{path}: key {key!r}", tensors[key])
     return tensors, metadata
+
+
+def _check_layout(path, entries):
+    """Tensors' byte ranges must not overlap (a tampered header could point many keys at the same
+    bytes), and their float32 copies must fit in memory, before any is read."""
+    ranges = sorted((b, e, k) for k, (_, _, b, e) in entries.items() if e > b)
+    for (_, e0, k0), (b1, _, k1) in zip(ranges, ranges[1:]):
+        if b1 < e0:
+            raise InputError(f"{path}: keys {k0!r} and {k1!r} have overlapping data_offsets")
+    check_memory(sum(shape_nbytes(shape, 4) for _, shape, _, _ in entries.values()),
+                 f"{path}: its tensors as float32")
 
 
 def safetensors_header(tensors, metadata=None):
@@ -156,7 +171,8 @@ def load_torch_state(path):
             continue
         if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
             raise InputError(f"{path}: key {key!r} is not a floating-point tensor")
-        out[key] = value.detach().to(torch.float32).cpu().numpy()
+        out[key] = finite_or_error(f"{path}: key {key!r}",
+                                   value.detach().to(torch.float32).cpu().numpy())
     return out
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from .backend import BACKENDS, load_backend, to_numpy
 from .checkpoint import InputError, load_checkpoint, load_npz, save_json_atomic
 from .cli import POSITIVE_INT, OneLineParser, check_paths, parse, ranged, run_cli
+from .validate import MAX_SIDE, check_memory, finite_or_error
 from .images import IMAGENET_MEAN, IMAGENET_STD, iter_image_batches, list_images
 from .timm_configs import default_crop_pct
 
@@ -34,13 +35,15 @@ def topk_hits(logits, labels, k):  # [N, K], [N] -> bool [N]
     """Whether each label is among the k largest logits; ties rank the lower class index first.
 
     rank(y) = #{j : l_j > l_y} + #{j < y : l_j = l_y}; a hit is rank(y) < k.
+    A row holding NaN or Inf is never a hit (NaN compares false with everything, which would
+    otherwise give rank 0: a NaN image scored as correct). ``evaluate`` refuses such logits.
     """
     logits = np.asarray(logits)
     labels = np.asarray(labels, dtype=np.int64)
     ly = np.take_along_axis(logits, labels[:, None], axis=1)  # [N, 1]
     before = np.arange(logits.shape[1])[None, :] < labels[:, None]  # [N, K]
     rank = (logits > ly).sum(axis=1) + ((logits == ly) & before).sum(axis=1)  # [N]
-    return rank < k
+    return (rank < k) & np.isfinite(logits).all(axis=1)
 
 
 def topk_accuracy(logits, labels, k):  # [N, K], [N] -> float
@@ -75,7 +78,30 @@ def _predictor(ckpt, *, batch_size, dtype, xp):
     """Prepare the model once (weights to xp, compressed MLPs factored); returns x -> logits."""
     from .models import forward_model, prepare_model
     model = prepare_model(ckpt, dtype=dtype, xp=xp)
-    return lambda x: to_numpy(forward_model(model, x, batch_size=batch_size))  # [B, K]
+    check_memory(forward_bytes(model, batch_size), f"{ckpt.path}: the forward of one batch of "
+                 f"{batch_size} images", "--batch-size")
+
+    def predict(x, first):  # [B, C, H, W] -> [B, K], refused unless finite
+        with np.errstate(over="ignore", invalid="ignore"):   # overflow is reported just below
+            logits = to_numpy(forward_model(model, x, batch_size=batch_size))
+        return finite_or_error(f"{ckpt.path}: the logits of images {first}..{first + len(x) - 1} "
+                               "(weights or activations overflow)", logits)
+    return predict
+
+
+def forward_bytes(model, batch_size):
+    """A lower bound on the bytes one batch of the forward holds: per token the MLP hidden
+    (4·D) and, for ViT's global attention, every head's scores over all T tokens (float32)."""
+    from .models import ARCHS
+    if getattr(model, "arch", None) not in ARCHS:      # a stand-in model (tests)
+        return 0
+    cfg, heads = model.cfg, model.cfg.num_heads
+    shapes = ARCHS[model.arch].mlp_token_shapes(cfg)  # [(T, D)] per block
+    if isinstance(heads, (list, tuple)):                 # Swin: attention inside windows
+        scores = max(heads) * cfg.window_size[0] * cfg.window_size[1]
+    else:
+        scores = heads * max((t for t, _ in shapes), default=0)
+    return max((4 * batch_size * t * (4 * d + scores) for t, d in shapes), default=0)
 
 
 def _as_batches(images, batch_size):
@@ -122,8 +148,9 @@ def evaluate(ckpt, images_or_batches, labels=None, *, reference=None, batch_size
     labels = None if labels is None else np.asarray(labels, dtype=np.int64)
     sums, n, offset, K = {}, 0, 0, None
     for x, kept in _as_batches(images_or_batches, batch_size):
-        logits = predict(x)  # [B, C, H, W] -> [B, K]
-        ref = None if predict_ref is None else predict_ref(x)
+        finite_or_error(f"images {offset}..{offset + len(x) - 1}", x)
+        logits = predict(x, offset)  # [B, C, H, W] -> [B, K]
+        ref = None if predict_ref is None else predict_ref(x, offset)
         kept = np.arange(offset, offset + logits.shape[0]) if kept is None else kept
         offset += logits.shape[0]
         K = logits.shape[1]
@@ -210,6 +237,8 @@ def model_input_shape(config, img_size=None):
     for name, v in (("in_chans", chans), ("img_size", size)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise InputError(f"config field {name!r} must be a positive int, got {v!r}")
+    if size > MAX_SIDE:
+        raise InputError(f"--img-size {size}: more than {MAX_SIDE} pixels per side")
     return chans, size, size
 
 
@@ -230,6 +259,7 @@ def npz_data(path, shape, limit=None):
     if labels is not None and (labels.shape != images.shape[:1] or labels.dtype.kind not in "iu"):
         raise InputError(f"{path}: key 'labels' has shape {labels.shape} ({labels.dtype}), "
                          f"expected [{images.shape[0]}] integers")
+    finite_or_error(f"{path}: key 'images'", images)
     idx = spread_indices(images.shape[0], limit)
     return images[idx], None if labels is None else labels[idx].astype(np.int64)
 
@@ -243,6 +273,8 @@ def folder_batches(folder, config, *, batch_size=64, class_map=None, limit=None,
     """
     crop_pct = default_crop_pct(config)[0] if crop_pct is None else crop_pct
     C, S, _ = model_input_shape(config, img_size)
+    check_memory(batch_size * C * S * S * 4, f"--data {folder}: a batch of {batch_size} "
+                 f"{C}x{S}x{S} float32 images", "--batch-size or --img-size")
     paths, labels = list_images(folder, class_map=class_map)
     idx = spread_indices(len(paths), limit)
     paths = [paths[i] for i in idx]

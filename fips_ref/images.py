@@ -13,6 +13,7 @@ Dimension legend: B batch, C channels, H/W image height/width, K classes.
 import json
 import math
 import os
+import stat
 import sys
 
 import numpy as np
@@ -35,12 +36,30 @@ def is_image_file(name):
 
 
 def _images_under(folder):
-    """Sorted paths of every image below ``folder`` (recursive, hidden entries skipped)."""
-    out = []
+    """Sorted paths of every image below ``folder`` (recursive, hidden entries skipped).
+
+    Symlinked folders are followed once each (a link back to an ancestor is not a loop), and
+    only regular files count: a FIFO, socket or device named x.png would block or misread.
+    """
+    out, seen = [], set()
     for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        out.extend(os.path.join(root, f) for f in sorted(files) if is_image_file(f))
+        out.extend(p for p in (os.path.join(root, f) for f in sorted(files) if is_image_file(f))
+                   if is_regular_file(p))
     return out
+
+
+def is_regular_file(path):
+    """True for a regular file (after symlinks); False for FIFOs, devices, sockets, dangling links."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def load_class_map(path):
@@ -95,7 +114,7 @@ def list_images(folder, *, class_map=None):
     if any(per_class):
         return _labelled(folder, classes, per_class, class_map)
     paths = [os.path.join(folder, e) for e in entries
-             if is_image_file(e) and os.path.isfile(os.path.join(folder, e))]
+             if is_image_file(e) and is_regular_file(os.path.join(folder, e))]
     if not paths:
         raise InputError(f"{folder}: no images found (extensions: {' '.join(IMAGE_EXTENSIONS)})")
     return paths, None

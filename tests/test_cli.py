@@ -184,7 +184,7 @@ BAD_CHECKPOINTS = {
     "nan_weight": lambda p, vit: write(p / "x.npz", config=json_entry(vit.config),
                                        **tensors_with(vit, blocks__0__mlp__fc1__weight=np.full((64, 16), np.nan, np.float32))),
 }
-EXPECTED = {"missing": "no such", "truncated": "not a readable", "not_npz": "not a readable",
+EXPECTED = {"missing": "no such", "truncated": "not a readable", "not_npz": "not an .npz",
             "npy": "not an .npz", "corrupt_deflate": "not a readable", "misshaped_gamma": "blocks.0.ls2.gamma",
             "pickled": "pickled", "no_config": "'config'", "bad_config": "'config'", "no_arch": "'arch'",
             "missing_key": "blocks.2.mlp.fc2.weight", "misshaped_key": "blocks.1.mlp.fc1.bias",
@@ -246,7 +246,7 @@ def test_groups_mixing_widths(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case, needle", [
-    ("missing_block", "mlp_in.3"), ("wrong_width", "mlp_in.0"), ("nan", "NaN"), ("not_npz", "not a readable"),
+    ("missing_block", "mlp_in.3"), ("wrong_width", "mlp_in.0"), ("nan", "NaN"), ("not_npz", "not an .npz"),
     ("pickled", "pickled"), ("empty", "--batch-size"), ("too_few", "--batch-size"),
 ])
 def test_bad_activations(case, needle, tmp_path, vit, capsys):
