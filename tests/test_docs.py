@@ -217,7 +217,8 @@ def check_code_names(text, path, modules, tests):
     for m in CODE_SPAN.finditer(text):
         span = m.group(1).strip()
         where = f"{rel(path)}:{line_of(text, m.start())}"
-        name = re.fullmatch(r"(?:fips_ref\.)?([A-Za-z_]\w*)\.([A-Za-z_]\w*)(?:\(.*\))?", span)
+        name = re.fullmatch(r"(?:fips_ref\.)?(?:models\.(?=\w+\.))?([A-Za-z_]\w*)\.([A-Za-z_]\w*)(?:\(.*\))?",
+                            span)
         if name and name.group(1) in modules and name.group(2) not in FILE_SUFFIXES:
             if name.group(2) not in modules[name.group(1)]:
                 problems.append(f"{where}: `{span}`: fips_ref.{name.group(1)} has no {name.group(2)}")
@@ -359,8 +360,9 @@ def test_check_labels_catches_undefined_labels():
 def test_check_code_names_catches_missing_names():
     modules, tests = package_names(), collect_test_names()
     text = ("`sparsity.no_such_function` `fips_ref.budget.sparse_rank` `mlp.py` "
-            "`test_no_such_test` `test_budget.py` `tests/test_nothing.py` `sharing.svd_init(C, r)`")
+            "`test_no_such_test` `test_budget.py` `tests/test_nothing.py` `sharing.svd_init(C, r)` "
+            "`models.vit.forward` `models.forward` `models.swin.nothing`")
     problems = check_code_names(text, "docs/x.md", modules, tests)
-    assert len(problems) == 3, problems
+    assert len(problems) == 4, problems
     assert "no_such_function" in problems[0] and "test_no_such_test" in problems[1]
-    assert "test_nothing.py" in problems[2]
+    assert "test_nothing.py" in problems[2] and "swin has no nothing" in problems[3]
