@@ -181,7 +181,7 @@ def check_labels(text, path, labels):
 
 
 def package_names(root=ROOT):
-    """{module: top-level names} for every module of fips_ref (``models`` is its package __init__)."""
+    """{module: top-level names, imports included} for every module of fips_ref (``models``: its __init__)."""
     names = {}
     for p in sorted((root / "fips_ref").rglob("*.py")):
         mod = p.parent.name if p.name == "__init__.py" else p.stem
@@ -195,6 +195,8 @@ def package_names(root=ROOT):
             elif isinstance(node, (ast.Assign, ast.AnnAssign)):
                 targets = node.targets if isinstance(node, ast.Assign) else [node.target]
                 top |= {t.id for t in targets if isinstance(t, ast.Name)}
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):      # re-exports count
+                top |= {(a.asname or a.name).split(".")[0] for a in node.names}
         names.setdefault(mod, set()).update(top)
     return names
 
