@@ -15,7 +15,9 @@ weights/ plus README.md. The checks are:
 (d) every bug or difference label (B1, D3, ...) is defined, in docs/authors-code.md §8 (`b1`)
     or docs/differences.md (`d1`);
 (e) every `module.function` and test name the docs mention exists, and the guided tour
-    docs/README.md names every module of the package.
+    docs/README.md names every module of the package;
+(f) the tables of docs/authors-code.md (ranks, storage, learning rates, GMP and RigL schedules,
+    numbers of the authors' code) are what fips_ref's functions compute, so a typo there fails.
 
 Each checker is a function from (text, path) to a list of problems, so the tests at the end can
 plant bad citations in small strings and see them caught.
@@ -368,3 +370,103 @@ def test_check_code_names_catches_missing_names():
     assert len(problems) == 4, problems
     assert "no_such_function" in problems[0] and "test_no_such_test" in problems[1]
     assert "test_nothing.py" in problems[2] and "swin has no nothing" in problems[3]
+
+
+
+# ----------------------------------------------------------------------------- the numbers on docs/authors-code.md
+AUTHORS_CODE = ROOT / "docs" / "authors-code.md"
+DEIT_GROUPS = [(768, 4)] * 3                                   # (d, n) per group, §1.1
+SWIN_GROUPS = [(192, 2), (384, 2)] + [(768, 6)] * 3 + [(1536, 2)]
+
+
+def md_tables(md, anchor, first_header):
+    """Tables (header, rows; cells stripped, bold removed) of section ``anchor`` whose header starts so."""
+    start = md.index(f'id="{anchor}"')
+    nxt = md.find('<a id="', start + 1)
+    tables, current = [], []
+    for line in md[start:nxt if nxt > 0 else len(md)].splitlines() + [""]:
+        if line.strip().startswith("|"):
+            cells = [c.strip().replace("*", "") for c in line.strip().strip("|").split("|")]
+            if not set("".join(cells)) <= set("-: "):           # not the |---| line
+                current.append(cells)
+        elif current:
+            tables.append(current)
+            current = []
+    found = [(t[0], t[1:]) for t in tables if t[0][0] == first_header]
+    assert found, f"docs/authors-code.md #{anchor}: no table headed {first_header!r}"
+    return found
+
+
+def assert_printed(cell, value, where):
+    """The page's number equals fips_ref's, rounded to the decimals printed (or to 4 digits)."""
+    if "." in cell and "e" not in cell:
+        assert round(value, len(cell.split(".")[1])) == pytest.approx(float(cell), abs=1e-12), \
+            f"{where}: page {cell}, fips_ref {value}"
+    else:
+        assert value == pytest.approx(float(cell), rel=5e-4), f"{where}: page {cell}, fips_ref {value}"
+
+
+def test_authors_code_rank_and_storage_tables_are_what_fips_ref_computes():
+    """§2's ranks, grown rows and achieved budgets and §6's storage ratios (the authors' numbers)
+    are what budget.sparse_rank and budget.storage_bits give, so a typo on the page fails."""
+    from fips_ref.budget import original_bits, sparse_rank, storage_bits
+    md = AUTHORS_CODE.read_text(encoding="utf-8")
+    (_, deit), (swin_header, swin) = md_tables(md, "s2", "p")
+    assert len(deit) == len(swin) == 5
+    d, L = 768, 8 * 4 * 768
+    for p, r, grows, grown, achieved in deit:
+        rank = sparse_rank(4, d, float(p), 0.75)
+        assert int(r) == rank and grows.startswith("yes" if rank > d else "no"), (p, r, rank)
+        assert grown.split()[0] == (str(rank - d) if rank > d else "—"), (p, grown)
+        assert_printed(achieved, (d * rank + int(0.25 * rank * L)) / (d * L), f"§2 DeiT-B p={p}")
+    shapes = [tuple(int(x) for x in re.findall(r"\d+", h))[-2:] for h in swin_header[1:]]
+    assert shapes == [(192, 2), (384, 2), (768, 6), (1536, 2)], swin_header
+    for p, *ranks in swin:
+        assert [int(x) for x in ranks] == [sparse_rank(n, d, float(p), 0.75) for d, n in shapes], (p, ranks)
+
+    def storage_ratio(groups, p, s=0.75):
+        bits = orig = 0
+        for d, n in groups:
+            r, L = sparse_rank(n, d, p, s), 8 * n * d
+            bits, orig = bits + storage_bits(d, r, L, int((1 - s) * r * L)), orig + original_bits(d, L)
+        return bits / orig
+
+    [(_, storage)] = md_tables(md, "s6", "p")
+    assert len(storage) == 5
+    for p, deit_ratio, swin_ratio in storage:
+        assert_printed(deit_ratio, storage_ratio(DEIT_GROUPS, float(p)), f"§6 DeiT-B p={p}")
+        assert_printed(swin_ratio, storage_ratio(SWIN_GROUPS, float(p)), f"§6 Swin-L p={p}")
+
+
+def test_authors_code_schedule_tables_are_what_fips_ref_computes():
+    """§4.4's learning rates, §5.3's GMP sparsities and §5.5's RigL drop fractions are fips_ref's."""
+    from fips_ref.adamw import cosine_lr
+    from fips_ref.sparsity import cubic_sparsity, rigl_drop_fraction
+    md = AUTHORS_CODE.read_text(encoding="utf-8")
+    [(ks, [lrs])] = md_tables(md, "s4-4", "k")
+    assert len(ks) == len(lrs) == 6
+    for k, cell in zip(ks[1:], lrs[1:]):
+        assert_printed(cell, cosine_lr(int(k), lr=1e-3, eta_min=1e-6, t_max=600), f"§4.4 lr_{k}")
+
+    def gmp(k, t_accel, t_end, levels):
+        initial, accel, final = (float(x) for x in levels.split("→"))
+        return cubic_sparsity(k, t_end=t_end, delta_t=50, t_accel=t_accel, initial=initial,
+                              accelerated=accel, final=final)
+
+    [(_, ends)] = md_tables(md, "s5-3", "setting")
+    assert len(ends) == 4
+    levels = {}
+    for setting, t_accel, t_end, lv, at_end in ends:
+        levels[setting.split(",")[0].split(" (")[0]] = (int(t_accel), int(t_end), lv)
+        assert_printed(at_end, gmp(int(t_end), int(t_accel), int(t_end), lv), f"§5.3 {setting}")
+    [(ks, rows)] = md_tables(md, "s5-3", "k")
+    assert [r[0] for r in rows] == ["swin_large yaml", "paper reading"]
+    for name, *cells in rows:
+        key = {"swin_large yaml": "swin_large yaml", "paper reading": "paper A.2.2 read literally"}[name]
+        for k, cell in zip(ks[1:], cells):
+            assert_printed(cell, gmp(int(k), *levels[key]), f"§5.3 {name} k={k}")
+
+    [(ks, [rho])] = md_tables(md, "s5-5", "k")
+    assert len(ks) == len(rho) == 10
+    for k, cell in zip(ks[1:], rho[1:]):
+        assert_printed(cell, rigl_drop_fraction(int(k), q=0.1, t_end=450, delta_t=50), f"§5.5 ρ_{k}")
