@@ -178,7 +178,7 @@ def layer_factors(U, V, layer):  # U [rows, R], V [R, cols] -> (A [in, R], B [R,
 
 # ----------------------------------------------------------------------------- SVD init
 def svd_init(C, rank, tau=32):  # [rows, cols] -> (U [rows, R], V [R, cols])
-    """Truncated SVD with singular values folded into V, grown Net2Net-style when R > rows (§3).
+    """Truncated SVD with singular values folded into V, grown Net2Net-style when R > rows (docs/authors-code.md §3).
 
     U = U_full[:, :R], V = (diag(S) Vh)[:R]. When R exceeds q = min(rows, cols), U gets R − q
     zero columns and V gets the rows of diag(S) Vh, largest first, each divided by τ, cycled if
@@ -208,6 +208,6 @@ def _canonical_signs(U, Vh):  # flip (U[:, i], Vh[i]) so U's largest-|.| entry p
 
 
 def split_v(V, group):  # [R, 2n·cols] -> [[R, cols]] * 2n
-    """Per-layer slices V[:, cols·j : cols·(j+1)] as separate contiguous arrays (§1.3)."""
+    """Per-layer slices V[:, cols·j : cols·(j+1)] as separate contiguous arrays (docs/authors-code.md §1.3)."""
     return [np.ascontiguousarray(V[:, j * group.cols:(j + 1) * group.cols])
             for j in range(len(group.layers))]

@@ -4,6 +4,7 @@ Masks are bool arrays under the same keys as the V they mask. Selection is eithe
 (one threshold over the flat concatenation of every V in the model, in layer order) or
 *uniform* (per tensor). Counts are exact: ``keep_count`` entries survive, and ties in the score
 are broken by the lower flat index (of the concatenation, for global selection).
+A bare § below is a section of docs/authors-code.md.
 """
 import math
 

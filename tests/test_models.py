@@ -1,7 +1,7 @@
 """Tests of fips_ref.models: hand-computed pieces, timm conventions, invariants and errors.
 
 No torch needed (the timm oracle is tests/test_models_timm.py). Convention numbers refer to
-the list in checkpoint-format.md; docs/models.md maps each to its function and test here.
+the list in docs/checkpoint-format.md; docs/models.md maps each to its function and test here.
 """
 import math
 import sys
