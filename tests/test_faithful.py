@@ -295,7 +295,7 @@ def test_encode_drops_dead_rank_columns_losslessly(strategy):
     assert arrays["fips.U.0"].shape == (g.rows, rank - len(dead))
     assert meta["groups"][0]["rank"] == rank - len(dead) and meta["groups"][0]["trained_rank"] == rank
     assert arrays["fips.values.0"].size == sum(int(m.sum()) for m in masks.values())
-    dense = decompressed_tensors(Checkpoint("<c>", {"arch": "vit"}, arrays, {"fips": json_entry(meta)}))
+    dense = decompressed_tensors(Checkpoint("<c>", {"arch": "vit", "depth": 2}, arrays, {"fips": json_entry(meta)}))
     for l in g.layers:
         A, B = layer_factors(params["U.0"], params[f"{l.key}.V"] * masks[f"{l.key}.V"], l)
         np.testing.assert_allclose(dense[f"{l.key}.weight"], (A @ B).T, rtol=1e-5, atol=1e-5)
