@@ -239,3 +239,31 @@ def test_whitened_init_with_usual_stage_ends_at_exactly_the_budget():
     r = run_local_stage(w, acts, [[0, 1]], cfg, blocks=blocks, dtype=np.float32)
     n = sum(m.size for m in r.masks.values())
     assert sum(int(m.sum()) for m in r.masks.values()) == keep_count(n, 0.6)
+
+
+# ----------------------------------------------------------------------------- CLI
+@pytest.mark.parametrize("flags", [["--solver", "als"], ["--init", "whitened", "--solver", "als+adam"]])
+def test_cli_closed_form_options_end_to_end(tmp_path, capsys, flags):
+    """A LayerScale ViT compressed with the new flags: written, exact budget, better than init."""
+    import json
+    from model_fixtures import make_vit_checkpoint
+    from fips_ref.checkpoint import load_checkpoint
+    from fips_ref.compress import main
+    ckpt = make_vit_checkpoint(tmp_path / "vit.npz", depth=2, embed_dim=16, mlp_ratio=4.0, layerscale=True)
+    out, rep = tmp_path / "c.npz", tmp_path / "r.json"
+    code = main([ckpt.path, "--synthetic-samples", "16", "--group-size", "2", "--out", str(out),
+                 "--report", str(rep), "--epochs", "2", "--batch-size", "8", "--quiet",
+                 "--sparsity", "0.6", "--als-rounds", "3"] + flags)
+    capsys.readouterr()
+    assert code == 0 and load_checkpoint(out).tensors
+    report = json.loads(rep.read_text())
+    assert report["config"]["solver"] == flags[-1]
+    n = sum(1 for _ in report["layer_density"])
+    assert n == 4 and 1 - report["params"]["v_density"] == pytest.approx(0.6, abs=1e-3)
+    assert all(b["rel_error_final"] < 0.5 for b in report["blocks"])
+
+
+def test_cli_rejects_an_unknown_solver(tmp_path, capsys):
+    from fips_ref.compress import main
+    assert main(["--solver", "lbfgs"]) == 2
+    assert "--solver" in capsys.readouterr().err
