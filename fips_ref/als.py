@@ -15,6 +15,7 @@ from .sharing import layer_factors
 from .sparsity import prune_to
 
 ALS_SWEEPS = 2        # V-steps + U-step per pruning round
+ALS_ITERS = 25        # CG iterations per solve inside the local stage (warm-started; §5)
 INITS = ("svd", "whitened")
 SOLVERS = ("adam", "als", "als+adam")
 
@@ -34,7 +35,7 @@ def als_sweep(U, Vs, masks, terms, keys, iters):  # one group: V-steps then the 
 
 
 def run_als(Us, Vs, terms, keys, sparsity, *, rounds, sweeps=ALS_SWEEPS, global_pruning=True,
-            iters=200, history=None):
+            iters=ALS_ITERS, history=None):
     """ALS with pruning by removal cost (paper Eq. (1); docs/closed-form.md §5).
 
     Us {g: U [rows, R]}, Vs {layer key: V [R, cols]}, terms/keys {g: [LayerTerm]/[layer key]}.
