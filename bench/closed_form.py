@@ -40,6 +40,34 @@ def run_one(ckpt, blocks, groups, train, held, cfg, order=None):
     return float(np.mean(list(err.values()))), density(r.masks), seconds
 
 
+def init_comparison(ckpt, blocks, groups, train, held, budget):
+    """--init svd vs whitened, no training: Eq. (1) and held-out error after one prune to the target."""
+    from fips_ref.closed_form import group_terms, objective, whitened_init
+    from fips_ref.local_stage import init_factors, plan_groups
+    from fips_ref.sparsity import initial_masks
+    from fips_ref.stats import block_stats
+    cfg = FiPSConfig(budget=budget)
+    plan = plan_groups(cfg, blocks, groups)
+    d64 = dense_weights(ckpt.tensors, blocks, xp=np, dtype=np.float64)
+    stats = block_stats(train, d64, xp=np)
+    gam = {b: d64[b][4] for b in d64 if d64[b][4] is not None}
+    terms = {g.index: group_terms(ckpt.tensors, g, stats, gam, xp=np) for g in plan}
+    svd = init_factors(ckpt.tensors, plan, xp=np, dtype=np.float64, tau=cfg.tau)
+    white = dict(svd)
+    for g in plan:
+        U, Vs = whitened_init(terms[g.index], g.rank, cfg.tau)
+        white[f"U.{g.index}"] = U
+        white.update({f"{l.key}.V": V for l, V in zip(g.layers, Vs)})
+    for name, params in (("svd", svd), ("whitened", white)):
+        masks = initial_masks({k: v for k, v in params.items() if k.endswith(".V")}, cfg.sparsity)
+        eq1 = sum(float(objective(params[f"U.{g.index}"], [params[f"{l.key}.V"] * masks[f"{l.key}.V"]
+                                                          for l in g.layers], terms[g.index]))
+                  for g in plan)
+        err = relative_errors(params, masks, plan, d64, held, xp=np, dtype=np.float64)
+        print(f"{budget:.2f}    init {name:9s} pruned to {cfg.sparsity}: Eq. (1) {eq1:.4e}, "
+              f"held-out rel. error {np.mean(list(err.values())):.4e}", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budgets", default="0.25,0.4,0.5")
@@ -48,6 +76,7 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--steps", help="comma-separated AdamW step counts instead of --epochs")
     p.add_argument("--group-size", type=int, default=4)
+    p.add_argument("--init-only", action="store_true", help="compare the two inits, no training")
     args = p.parse_args(argv)
     ckpt = load_checkpoint(DEMO_CKPT)
     blocks = find_mlp_blocks(ckpt)
@@ -57,6 +86,10 @@ def main(argv=None):
     groups = default_groups(blocks, args.group_size)
     per_epoch = args.train // FiPSConfig().batch_size
     runs = [None] if not args.steps else [int(s) for s in args.steps.split(",")]
+    if args.init_only:
+        for budget in (float(b) for b in args.budgets.split(",")):
+            init_comparison(ckpt, blocks, groups, train, held, budget)
+        return
     print("budget  method     steps  held-out rel. error  V density  seconds", flush=True)
     for budget in (float(b) for b in args.budgets.split(",")):
         for name in args.methods.split(","):
