@@ -18,7 +18,6 @@ import numpy as np
 
 from .backend import get_xp
 from .sharing import layer_block
-from .sparsity import prune_to
 from .stats import mean, metric
 
 CG_TOL = 1e-10        # relative residual of a solve
