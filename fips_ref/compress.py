@@ -106,6 +106,11 @@ def build_parser():
     t.add_argument("--rigl-drop-fraction", type=ranged(0, 1), default=d.rigl_drop_fraction,
                    help="RigL q (swin_large_config.yaml: 0.1)")
     t.add_argument("--seed", type=ranged(0, 2**63 - 1, kind=int), default=d.seed, help="batch order and synthesis")
+    t.add_argument("--init", choices=("svd", "whitened"), default=d.init,
+                   help="whitened: activation-aware init from calibration moments (docs/closed-form.md; not the authors')")
+    t.add_argument("--solver", choices=("adam", "als", "als+adam"), default=d.solver,
+                   help="als: closed-form alternating solves on Eq. (1) to the exact budget (docs/closed-form.md)")
+    t.add_argument("--als-rounds", type=POSITIVE_INT, default=d.als_rounds, help="pruning rounds of --solver als")
     r = p.add_argument_group("execution")
     r.add_argument("--backend", choices=("numpy", "cupy"), help="default: $FIPS_REF_BACKEND or numpy")
     r.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="compute precision")
@@ -124,7 +129,8 @@ def fips_config(args):
         eps=args.eps, gmp_initial=args.gmp_initial, gmp_accelerated=args.gmp_accelerated,
         t_accel=args.t_accel, t_end_coeff=args.t_end_coeff, delta_t=args.delta_t,
         rigl_drop_fraction=args.rigl_drop_fraction, global_pruning=args.global_pruning,
-        variant=args.variant, loss=args.loss, seed=args.seed)
+        variant=args.variant, loss=args.loss, seed=args.seed,
+        init=args.init, solver=args.solver, als_rounds=args.als_rounds)
 
 
 # ----------------------------------------------------------------------------- calibration

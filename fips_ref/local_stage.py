@@ -62,6 +62,9 @@ class FiPSConfig:
     variant: str = "authors"           # authors | paper
     loss: str = "mlp"                  # mlp (authors' code) | fc (paper Eq. 1); docs/differences.md D1
     seed: int = 0
+    init: str = "svd"                  # svd (authors) | whitened (docs/closed-form.md §6)
+    solver: str = "adam"               # adam (authors) | als | als+adam (docs/closed-form.md §5)
+    als_rounds: int = 10               # pruning rounds of --solver als (not the authors')
 
 
 @dataclass(frozen=True)
@@ -355,6 +358,12 @@ def run_local_stage(weights, acts, groups, cfg=FiPSConfig(), *, blocks, batch_or
     plan = plan_groups(cfg, blocks, groups)
     params = init_factors(weights, plan, xp=xp, dtype=dtype, tau=cfg.tau)
     masks = sparsifier_masks(cfg, sched, {k: v for k, v in params.items() if k.endswith(".V")})
+    closed_form = cfg.init != "svd" or cfg.solver != "adam"       # issue-10 options, off by default
+    if closed_form:
+        from .als import closed_form_start
+        params, masks, order = closed_form_start(cfg, sched, plan, weights, acts, blocks, params, masks,
+                                                 order, xp=xp, dtype=dtype)
+        sched = resolve_schedule(cfg, sum(len(e) for e in order))
     dense = dense_weights(weights, blocks, xp=xp, dtype=dtype)
     gammas = {b: dense[b][4] for b in dense}
     if targets == "cache":
@@ -394,6 +403,9 @@ def run_local_stage(weights, acts, groups, cfg=FiPSConfig(), *, blocks, batch_or
     if bad is not None:
         raise InputError(f"the run diverged: the loss is {hist['loss'][bad - 1]} at step {bad} "
                          f"(lower --lr, raise --eps)")
+    if closed_form:                                                # exactly the target budget
+        from .als import exact_budget
+        state.masks = exact_budget(cfg, params, state.masks)
     result.masks, result.history = state.masks, hist
     if errors:
         result.error_final = relative_errors(params, state.masks, plan, dense, acts, xp=xp,
