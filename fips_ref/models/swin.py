@@ -16,9 +16,13 @@ from ..backend import get_xp
 from ..checkpoint import InputError
 from .layers import check_heads, config_pair, config_positive, config_value, patch_grid
 from .ops import (add_grad, layer_norm_backward, layer_norm_forward, linear_backward,
-                  linear_forward, no_cache, patch_embed_backward, patch_embed_forward)
-from .swin_attention import (MASK_VALUE, pad_to_multiple,  # noqa: F401 (MASK_VALUE re-exported)
-                             window_attention_backward, window_attention_forward)
+                  linear_forward, no_cache, patch_embed, patch_embed_backward,  # noqa: F401
+                  patch_embed_forward)
+from .swin_attention import (MASK_VALUE, pad_to_multiple, relative_position_bias,  # noqa: F401
+                             relative_position_index, shift_mask, window_attention_backward,
+                             window_attention_forward, window_partition, window_reverse)
+# (patch_embed, MASK_VALUE and the window geometry are re-exported: tests and readers use them
+# as swin.*)
 
 NORM_EPS = 1e-5   # timm Swin norm_layer = nn.LayerNorm (torch default eps) in every norm
 
@@ -267,12 +271,34 @@ def head_backward(dlogits, c, p, cfg, grads):  # [B, K] -> [B, Hs, Ws, C]
     return xp.broadcast_to((dpooled / (shape[1] * shape[2]))[:, None, None], shape)
 
 
+# ----------------------------------------------------------------------------- inference
+# The same functions with the caches dropped; ``mlp`` / ``mlps[i]`` are plain callables here.
+def window_attention(x, p, prefix, heads, window, shift):  # [B, H, W, C] -> [B, H, W, C]
+    return window_attention_forward(x, p, prefix, heads, window, shift)[0]
+
+
+def block(x, p, prefix, stage, shifted, mlp, eps):  # [B, H, W, C] -> [B, H, W, C]
+    return block_forward(x, p, prefix, stage, shifted, no_cache(mlp), eps)[0]
+
+
+def patch_merging(x, p, prefix, eps):  # [B, H, W, C] -> [B, ⌈H/2⌉, ⌈W/2⌉, 2C]
+    return patch_merging_forward(x, p, prefix, eps)[0]
+
+
+def features(cfg, p, mlps, x):  # [B, C_in, Hi, Wi] -> [B, Hs, Ws, C]
+    return features_forward(cfg, p, {i: no_cache(f) for i, f in mlps.items()}, x, keep=False)[0]
+
+
+def head(t, p, cfg):  # [B, Hs, Ws, C] -> [B, K]
+    return head_forward(t, p, cfg)[0]
+
+
 def forward(cfg, p, mlps, x):  # [B, C_in, Hi, Wi] -> [B, K]
     """Logits of a Swin; ``mlps[i]`` is global block i's MLP callable [..., C] -> [..., C]."""
-    nc = {i: no_cache(f) for i, f in mlps.items()}
-    return head_forward(features_forward(cfg, p, nc, x, keep=False)[0], p, cfg)[0]
+    return head(features(cfg, p, mlps, x), p, cfg)
 
 
+# ----------------------------------------------------------------------------- training
 def forward_train(cfg, p, mlps, x):  # [B, C_in, Hi, Wi] -> ([B, K], cache)
     """Logits and the cache for :func:`backward`; ``mlps[i]`` is a train_mlps.MLPLayer."""
     t, cache = features_forward(cfg, p, {i: m.forward for i, m in mlps.items()}, x)

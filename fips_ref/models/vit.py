@@ -16,8 +16,9 @@ from ..backend import get_xp
 from ..checkpoint import InputError
 from .layers import check_heads, config_pair, config_positive, config_value, patch_grid
 from .ops import (add_grad, attention_backward, attention_forward, layer_norm_backward,
-                  layer_norm_forward, layer_scale, layer_scale_backward, linear,
-                  linear_backward, no_cache, patch_embed_backward, patch_embed_forward)
+                  layer_norm_forward, layer_scale, layer_scale_backward, linear, linear_backward,
+                  no_cache, patch_embed, patch_embed_backward,  # noqa: F401 (patch_embed:
+                  patch_embed_forward)                           # the inference name, kept)
 
 NORM_EPS = 1e-6  # timm ViT/DeiT norm_layer = partial(nn.LayerNorm, eps=1e-6)
 
@@ -235,12 +236,30 @@ def features_backward(dt, cache, p, cfg, mlp_backwards, grads):  # [B, N, D] -> 
     embed_backward(dt, patches, p, cfg, grads)
 
 
+# ----------------------------------------------------------------------------- inference
+# The same functions with the caches dropped; ``mlp`` / ``mlps[i]`` are plain callables here.
+def embed(x, p, cfg):  # [B, C, Hi, Wi] -> [B, N, D]
+    return embed_forward(x, p, cfg)[0]
+
+
+def block(x, p, prefix, cfg, mlp):  # [B, N, D] -> [B, N, D]
+    return block_forward(x, p, prefix, cfg, no_cache(mlp))[0]
+
+
+def features(cfg, p, mlps, x):  # [B, C, Hi, Wi] -> [B, N, D]
+    return features_forward(cfg, p, {i: no_cache(f) for i, f in mlps.items()}, x, keep=False)[0]
+
+
+def head(t, p, cfg):  # [B, N, D] -> [B, K]
+    return head_forward(t, p, cfg)[0]
+
+
 def forward(cfg, p, mlps, x):  # [B, C, Hi, Wi] -> [B, K]
     """Logits of a ViT/DeiT; ``mlps[i]`` is block i's MLP callable [..., D] -> [..., D]."""
-    nc = {i: no_cache(f) for i, f in mlps.items()}
-    return head_forward(features_forward(cfg, p, nc, x, keep=False)[0], p, cfg)[0]
+    return head(features(cfg, p, mlps, x), p, cfg)
 
 
+# ----------------------------------------------------------------------------- training
 def forward_train(cfg, p, mlps, x):  # [B, C, Hi, Wi] -> ([B, K], cache)
     """Logits and the cache for :func:`backward`; ``mlps[i]`` is a train_mlps.MLPLayer."""
     t, cache = features_forward(cfg, p, {i: m.forward for i, m in mlps.items()}, x)
