@@ -143,7 +143,10 @@ def attention_backward(dy, c, Wqkv, Wproj, has_qkv_bias):  # [B, N, D] -> (dx, g
     dq = (dlogits @ c.k) * scale                                # -> [B, H, N, Dh]
     dk = (dlogits.transpose(0, 1, 3, 2) @ c.q) * scale          # -> [B, H, N, Dh]
     B, N = dy.shape[0], dy.shape[1]
-    dqkv = xp.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4).reshape(B, N, 3 * H * Dh)
+    dqkv = xp.empty((B, N, 3, H, Dh), dtype=dy.dtype)          # split_heads' layout
+    for j, d in enumerate((dq, dk, dv)):
+        dqkv[:, :, j] = d.transpose(0, 2, 1, 3)                 # [B, H, N, Dh] -> [B, N, H, Dh]
+    dqkv = dqkv.reshape(B, N, 3 * H * Dh)                       # -> [B, N, 3D]
     dx, dWqkv, dbqkv = linear_backward(dqkv, c.x, Wqkv, has_bias=has_qkv_bias)
     return dx, (dWqkv, dbqkv, dWproj, dbproj), dlogits
 
