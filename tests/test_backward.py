@@ -253,6 +253,25 @@ def test_window_attention_backward(xp, size, window, shift):
     check_vjp(lambda q: f(q)[0], {**p, "x": x}, {**grads, "x": dx}, v)
 
 
+@given(H=st.integers(1, 7), W=st.integers(1, 7), wh=st.integers(1, 4), ww=st.integers(1, 4),
+       shifted=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_window_attention_backward_any_geometry(xp, H, W, wh, ww, shifted, seed):
+    """Window, shift and padding as swin.stage_geometry derives them for an H x W stage."""
+    rng, C, heads = np.random.default_rng(seed), 2, 2
+    g = swin.stage_geometry((H, W), C, (heads,), (wh, ww))[0]
+    shift = g.shift if shifted else (0, 0)
+    p = _attn_params(xp, rng, C, heads, g.window)
+    x = _randn(xp, rng, 1, H, W, C)
+
+    def f(q):
+        q = {**p, **q}
+        return swin_attention.window_attention_forward(q["x"], q, "a", heads, g.window, shift)
+    y, cache = f({"x": x})
+    v, grads = _randn(xp, rng, *y.shape), {}
+    dx = swin_attention.window_attention_backward(v, cache, p, "a", g.window, shift, grads)
+    check_vjp(lambda q: f(q)[0], {**p, "x": x}, {**grads, "x": dx}, v, seed=seed)
+
+
 @given(wh=st.integers(1, 4), ww=st.integers(1, 4), heads=st.integers(1, 3),
        seed=st.integers(0, 2 ** 16))
 def test_relative_position_bias_backward_is_adjoint(xp, wh, ww, heads, seed):

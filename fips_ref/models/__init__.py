@@ -5,6 +5,7 @@ K classes. Entry point::
 
     logits = forward("weights/deit_s.npz", images)                       # [N, K]
     logits, acts = forward(ckpt, images, record_mlp_inputs=True)         # acts[i]: [N, T, D]
+    logits, grads = vjp(ckpt, images, dlogits)    # grads[key]: dLoss/dTensor (docs/backward.md)
 
 The MLP of each block is looked up from ``Model.mlps`` ({global block index: callable}), so
 a compressed checkpoint (``"fips"`` in ``ckpt.extra``) or a test can swap in factored weights.

@@ -17,6 +17,9 @@ from .train_mlps import train_mlps
 def vjp(checkpoint, images, dlogits, *, dtype=None, xp=None, batch_size=64):
     """Logits and dLoss/dTensor of every trainable tensor for the upstream gradient ``dlogits``.
 
+    The gradient of FiPS's global stage, which trains every parameter (paper §3 and
+    Algorithm 1, global error minimisation; docs/authors-code.md §7).
+
     Parameters
     ----------
     checkpoint : str, os.PathLike or Checkpoint (original or compressed ``*.fips.npz``)

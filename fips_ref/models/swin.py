@@ -1,4 +1,5 @@
-"""Swin Transformer (v1) forward in timm >= 0.9 parameter naming (timm ``SwinTransformer``).
+"""Swin Transformer (v1) forward and backward in timm >= 0.9 parameter naming (timm
+``SwinTransformer``); each ``*_forward`` has its ``*_backward`` next to it (docs/backward.md).
 
 Letters: B batch, C channels (stage width), H heads, Hs/Ws stage height/width in tokens,
 wh/ww window, Ws window area wh·ww, nW windows per image, K classes, P patch area.
@@ -225,9 +226,11 @@ def features_forward(cfg, p, mlps, x, keep=True):  # [B, C_in, Hi, Wi] -> [B, Hs
         if s > 0:
             t, c = patch_merging_forward(t, p, f"layers.{s}.downsample", eps)  # -> [B, Hs, Ws, C]
             caches.append(c if keep else None)
+            del c                                        # inference: free it now
         for j in range(cfg.depths[s]):
             t, c = block_forward(t, p, f"layers.{s}.blocks.{j}", stage, j % 2 == 1, mlps[i], eps)
             caches.append(c if keep else None)
+            del c                                        # inference: free it now
             i += 1
     t, nc = layer_norm_forward(t, p["norm.weight"], p["norm.bias"], eps)
     return t, (patches, nc0, caches, nc)

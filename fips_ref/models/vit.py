@@ -1,4 +1,6 @@
-"""ViT / DeiT forward in timm naming (``VisionTransformer``, ``VisionTransformerDistilled``).
+"""ViT / DeiT forward and backward in timm naming (``VisionTransformer``,
+``VisionTransformerDistilled``); each ``*_forward`` has its ``*_backward`` next to it
+(derivations: docs/backward.md).
 
 Letters: B batch, C channels, N tokens (prefix + patches), D embed, H heads, F MLP hidden,
 K classes, P patch area (C·ph·pw).
@@ -219,8 +221,8 @@ def features_forward(cfg, p, mlps, x, keep=True):  # [B, C, Hi, Wi] -> [B, N, D]
     caches = []
     for i, (prefix, _) in enumerate(blocks(cfg)):
         t, c = block_forward(t, p, prefix, cfg, mlps[i])
-        if keep:
-            caches.append(c)
+        caches.append(c if keep else None)
+        del c                                                 # inference: free it now
     t, nc = layer_norm_forward(t, p["norm.weight"], p["norm.bias"], cfg.norm_eps)
     return t, (patches, caches, nc)
 
