@@ -5,6 +5,7 @@ K classes. Entry point::
 
     logits = forward("weights/deit_s.npz", images)                       # [N, K]
     logits, acts = forward(ckpt, images, record_mlp_inputs=True)         # acts[i]: [N, T, D]
+    logits, grads = vjp(ckpt, images, dlogits)    # grads[key]: dLoss/dTensor (docs/backward.md)
 
 The MLP of each block is looked up from ``Model.mlps`` ({global block index: callable}), so
 a compressed checkpoint (``"fips"`` in ``ckpt.extra``) or a test can swap in factored weights.
@@ -15,6 +16,7 @@ import numpy as np
 from ..backend import load_backend, to_numpy
 from ..checkpoint import Checkpoint, InputError, load_checkpoint, refuse_undeclared_blocks
 from . import swin, vit
+from .grad import model_vjp, vjp
 from .layers import (Model, check_shapes, dense_mlp_fn, dense_mlp_keys,
                      dense_mlp_shapes, factored_mlp_fn, math_layout, refuse_keys, tapped)
 
@@ -22,7 +24,7 @@ ARCHS = {"vit": vit, "swin": swin}
 DTYPES = (np.float32, np.float64)
 
 __all__ = ["forward", "forward_model", "prepare_model", "Model", "ARCHS",
-           "dense_mlp_fn", "factored_mlp_fn"]
+           "dense_mlp_fn", "factored_mlp_fn", "vjp", "model_vjp"]
 
 
 def forward(checkpoint, images, *, batch_size=64, record_mlp_inputs=False,

@@ -1,4 +1,5 @@
-"""Building blocks shared by the ViT/DeiT and Swin forwards, written once against ``xp``.
+"""Model plumbing shared by the ViT/DeiT and Swin forwards: the Model record, per-block MLP
+callables, tensor shape checks and layout, config fields. The layers' math is in ops.py.
 
 Letters: B batch, C channels, N tokens, D embed, H heads, Dh head dim, F MLP hidden,
 K classes, nW windows, Ws window area, P patch area (C·ph·pw), T recorded tokens.
@@ -11,9 +12,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..backend import get_xp
 from ..checkpoint import InputError
 from ..mlp import dense_mlp, lowrank_mlp
+from .ops import (attention, layer_norm, linear, merge_heads, patch_embed,  # noqa: F401
+                  patchify, softmax, split_heads)  # re-exported: the layers' math is in ops.py
 
 class Model(NamedTuple):
     """A checkpoint made ready to run: parsed config, math-layout weights, one MLP per block."""
@@ -24,70 +26,6 @@ class Model(NamedTuple):
     xp: object       # array module
     dtype: object    # np.float32 or np.float64
     path: str        # the checkpoint, for messages
-
-
-# ----------------------------------------------------------------------------- numerics
-def layer_norm(x, w, b, eps):  # [..., D] -> [..., D]
-    """torch.nn.LayerNorm: biased variance, eps inside the square root (timm norm_layer)."""
-    xp = get_xp(x)
-    mu = x.mean(axis=-1, keepdims=True)                  # [..., D] -> [..., 1]
-    var = ((x - mu) ** 2).mean(axis=-1, keepdims=True)   # [..., D] -> [..., 1]
-    return (x - mu) / xp.sqrt(var + eps) * w + b
-
-
-def linear(x, W, b=None):  # [..., in] -> [..., out]
-    """nn.Linear with W already in math layout [in, out]; b may be None (bias=False)."""
-    y = x @ W                                            # [..., in] -> [..., out]
-    return y if b is None else y + b
-
-
-def softmax(x):  # [..., N] -> [..., N]
-    """Softmax over the last axis, max-subtracted (nn.Softmax(dim=-1))."""
-    xp = get_xp(x)
-    e = xp.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def split_heads(qkv, num_heads):  # [B, N, 3D] -> ([B, H, N, Dh],) * 3
-    """timm fused qkv: reshape(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4), q rows first."""
-    B, N, _ = qkv.shape
-    t = qkv.reshape(B, N, 3, num_heads, -1)              # [B, N, 3D] -> [B, N, 3, H, Dh]
-    t = t.transpose(2, 0, 3, 1, 4)                       # -> [3, B, H, N, Dh]
-    return t[0], t[1], t[2]
-
-
-def merge_heads(x):  # [B, H, N, Dh] -> [B, N, D]
-    """Inverse of split_heads: transpose(1, 2).reshape(B, N, H·Dh), as timm before proj."""
-    B, H, N, Dh = x.shape
-    return x.transpose(0, 2, 1, 3).reshape(B, N, H * Dh)  # [B, H, N, Dh] -> [B, N, D]
-
-
-def attention(x, Wqkv, bqkv, Wproj, bproj, num_heads, biases=()):  # [B, N, D] -> [B, N, D]
-    """timm Attention / WindowAttention: softmax(q·Dh^-0.5 @ kᵀ + Σ biases) @ v, then proj.
-
-    ``biases`` are additive logit terms broadcastable to [B, H, N, N], added in order
-    (Swin: relative position bias, then the shift mask).
-    """
-    q, k, v = split_heads(linear(x, Wqkv, bqkv), num_heads)  # [B, N, D] -> 3 x [B, H, N, Dh]
-    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(0, 1, 3, 2)  # -> [B, H, N, N]
-    for bias in biases:
-        logits = logits + bias
-    out = merge_heads(softmax(logits) @ v)                # [B, H, N, Dh] -> [B, N, D]
-    return linear(out, Wproj, bproj)
-
-
-def patchify(x, patch):  # [B, C, Hi, Wi] -> [B, gh, gw, P]
-    """Conv with stride = kernel = patch as a reshape: patch rows flatten as (C, ph, pw)."""
-    B, C, Hi, Wi = x.shape
-    ph, pw = patch
-    t = x.reshape(B, C, Hi // ph, ph, Wi // pw, pw)      # -> [B, C, gh, ph, gw, pw]
-    t = t.transpose(0, 2, 4, 1, 3, 5)                    # -> [B, gh, gw, C, ph, pw]
-    return t.reshape(B, Hi // ph, Wi // pw, C * ph * pw)  # -> [B, gh, gw, P]
-
-
-def patch_embed(x, p, prefix, patch):  # [B, C, Hi, Wi] -> [B, gh, gw, D]
-    """timm PatchEmbed.proj (Conv2d k = s = patch); the kernel is stored as [P, D]."""
-    return linear(patchify(x, patch), p[f"{prefix}.weight"], p[f"{prefix}.bias"])
 
 
 # ----------------------------------------------------------------------------- MLP per block

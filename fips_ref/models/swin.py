@@ -1,4 +1,5 @@
-"""Swin Transformer (v1) forward in timm >= 0.9 parameter naming (timm ``SwinTransformer``).
+"""Swin Transformer (v1) forward and backward in timm >= 0.9 parameter naming (timm
+``SwinTransformer``); each ``*_forward`` has its ``*_backward`` next to it (docs/backward.md).
 
 Letters: B batch, C channels (stage width), H heads, Hs/Ws stage height/width in tokens,
 wh/ww window, Ws window area wh·ww, nW windows per image, K classes, P patch area.
@@ -10,18 +11,21 @@ wh/ww window, Ws window area wh·ww, nW windows per image, K classes, P patch ar
     logits = head.fc(mean_{h,w} norm(x))
 """
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import NamedTuple
-
-import numpy as np
 
 from ..backend import get_xp
 from ..checkpoint import InputError
-from .layers import (attention, check_heads, config_pair, config_positive, config_value,
-                     layer_norm, linear, patch_embed, patch_grid)
+from .layers import check_heads, config_pair, config_positive, config_value, patch_grid
+from .ops import (add_grad, layer_norm_backward, layer_norm_forward, linear_backward,
+                  linear_forward, no_cache, patch_embed, patch_embed_backward,  # noqa: F401
+                  patch_embed_forward)
+from .swin_attention import (MASK_VALUE, pad_to_multiple, relative_position_bias,  # noqa: F401
+                             relative_position_index, shift_mask, window_attention_backward,
+                             window_attention_forward, window_partition, window_reverse)
+# (patch_embed, MASK_VALUE and the window geometry are re-exported: tests and readers use them
+# as swin.*)
 
 NORM_EPS = 1e-5   # timm Swin norm_layer = nn.LayerNorm (torch default eps) in every norm
-MASK_VALUE = -100.0  # timm SwinTransformerBlock.get_attn_mask: masked_fill(!= 0, -100.0)
 
 REFUSED = (
     ("absolute_pos_embed", "absolute position embedding (ape)"),
@@ -141,136 +145,172 @@ def param_shapes(cfg):
     return shapes, ()
 
 
-# ----------------------------------------------------------------------------- windows
-def window_partition(x, window):  # [B, Hp, Wp, C] -> [B·nW, wh, ww, C]
-    """timm window_partition: windows ordered batch outer, then window row, then window column."""
-    B, H, W, C = x.shape
-    wh, ww = window
-    t = x.reshape(B, H // wh, wh, W // ww, ww, C)        # -> [B, Hp/wh, wh, Wp/ww, ww, C]
-    t = t.transpose(0, 1, 3, 2, 4, 5)                    # -> [B, Hp/wh, Wp/ww, wh, ww, C]
-    return t.reshape(-1, wh, ww, C)                      # -> [B·nW, wh, ww, C]
+# ----------------------------------------------------------------------------- forward / backward
+# Each *_forward returns (out, cache); its *_backward takes d(out) and the cache, adds parameter
+# gradients (math layout, timm keys) to ``grads`` and returns d(input). ``mlps[i]`` is block i's
+# MLP as h -> (y, cache) (ops.no_cache for inference), its backward a train_mlps.MLPLayer's.
+class BlockCache(NamedTuple):
+    norm1: object
+    attn: object    # swin_attention.WindowCache
+    shift: tuple
+    norm2: object
+    mlp: object
 
 
-def window_reverse(windows, window, H, W):  # [B·nW, wh, ww, C] -> [B, H, W, C]
-    """timm window_reverse: inverse of window_partition for an H x W map."""
-    wh, ww = window
-    C = windows.shape[-1]
-    t = windows.reshape(-1, H // wh, W // ww, wh, ww, C)  # -> [B, H/wh, W/ww, wh, ww, C]
-    t = t.transpose(0, 1, 3, 2, 4, 5)                    # -> [B, H/wh, wh, W/ww, ww, C]
-    return t.reshape(-1, H, W, C)                        # -> [B, H, W, C]
-
-
-@lru_cache(maxsize=64)
-def relative_position_index(wh, ww):  # -> [Ws, Ws] int (host)
-    """timm get_relative_position_index: (Δh + wh − 1)(2ww − 1) + (Δw + ww − 1), Δ = query − key."""
-    hh, ww_ = np.meshgrid(np.arange(wh), np.arange(ww), indexing="ij")
-    coords = np.stack([hh.reshape(-1), ww_.reshape(-1)])  # [2, Ws], row-major
-    d = coords[:, :, None] - coords[:, None, :]            # -> [2, Ws, Ws]
-    index = (d[0] + wh - 1) * (2 * ww - 1) + (d[1] + ww - 1)
-    index.flags.writeable = False
-    return index
-
-
-def relative_position_bias(table, window):  # [(2wh−1)(2ww−1), H] -> [H, Ws, Ws]
-    """timm WindowAttention._get_rel_pos_bias: table[index] permuted to heads first."""
-    xp = get_xp(table)
-    index = xp.asarray(relative_position_index(*window))  # [Ws, Ws]
-    n = index.shape[0]
-    bias = table[index.reshape(-1)].reshape(n, n, -1)    # -> [Ws, Ws, H]
-    return bias.transpose(2, 0, 1)                       # -> [H, Ws, Ws]
-
-
-@lru_cache(maxsize=64)
-def shift_mask(hp, wp, window, shift):  # -> [nW, Ws, Ws] float64 (host), 0 or -100
-    """timm get_attn_mask: 9 region labels on the padded map, −100 between different labels."""
-    labels = np.zeros((1, hp, wp, 1))
-    (wh, ww), (sh, sw), cnt = window, shift, 0
-    for h in (slice(0, -wh), slice(-wh, -sh), slice(-sh, None)):
-        for w in (slice(0, -ww), slice(-ww, -sw), slice(-sw, None)):
-            labels[:, h, w, :] = cnt
-            cnt += 1
-    win = window_partition(labels, window).reshape(-1, wh * ww)  # -> [nW, Ws]
-    diff = win[:, None, :] - win[:, :, None]                       # -> [nW, Ws, Ws]
-    mask = np.where(diff != 0, MASK_VALUE, 0.0)
-    mask.flags.writeable = False
-    return mask
-
-
-# ----------------------------------------------------------------------------- forward
-def pad_to_multiple(x, multiple):  # [B, H, W, C] -> [B, Hp, Wp, C]
-    """Zero-pad bottom/right so H, W divide by ``multiple`` (timm F.pad in _attn / PatchMerging)."""
-    xp = get_xp(x)
-    ph, pw = (-x.shape[1]) % multiple[0], (-x.shape[2]) % multiple[1]
-    if not (ph or pw):
-        return x
-    return xp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
-
-
-def window_attention(x, p, prefix, heads, window, shift):  # [B, H, W, C] -> [B, H, W, C]
-    """timm SwinTransformerBlock._attn: roll −s, pad, partition, W-MSA, reverse, crop, roll +s."""
-    xp = get_xp(x)
-    B, H, W, C = x.shape
-    wh, ww = window
-    if any(shift):
-        x = xp.roll(x, (-shift[0], -shift[1]), axis=(1, 2))
-    x = pad_to_multiple(x, window)                       # -> [B, Hp, Wp, C]
-    Hp, Wp = x.shape[1], x.shape[2]
-    win = window_partition(x, window).reshape(-1, wh * ww, C)  # -> [B·nW, Ws, C]
-    table = p[f"{prefix}.relative_position_bias_table"]
-    biases = [relative_position_bias(table, window)[None]]  # [1, H, Ws, Ws]
-    if any(shift):
-        mask = xp.asarray(shift_mask(Hp, Wp, window, shift), dtype=x.dtype)  # [nW, Ws, Ws]
-        biases.append(xp.tile(mask, (B, 1, 1))[:, None])  # -> [B·nW, 1, Ws, Ws], batch outer
-    out = attention(win, p[f"{prefix}.qkv.weight"], p.get(f"{prefix}.qkv.bias"),
-                    p[f"{prefix}.proj.weight"], p[f"{prefix}.proj.bias"], heads, biases)
-    out = window_reverse(out.reshape(-1, wh, ww, C), window, Hp, Wp)  # -> [B, Hp, Wp, C]
-    out = out[:, :H, :W]                                 # -> [B, H, W, C]
-    return xp.roll(out, shift, axis=(1, 2)) if any(shift) else out
-
-
-def block(x, p, prefix, stage, shifted, mlp, eps):  # [B, H, W, C] -> [B, H, W, C]
+def block_forward(x, p, prefix, stage, shifted, mlp, eps):  # [B, H, W, C] -> [B, H, W, C]
     """timm SwinTransformerBlock.forward: x + attn(norm1(x)); x + mlp(norm2(x)) on [B, H·W, C]."""
     B, H, W, C = x.shape
     shift = stage.shift if shifted else (0, 0)
-    h = layer_norm(x, p[f"{prefix}.norm1.weight"], p[f"{prefix}.norm1.bias"], eps)
-    x = x + window_attention(h, p, f"{prefix}.attn", stage.heads, stage.window, shift)
+    h, n1 = layer_norm_forward(x, p[f"{prefix}.norm1.weight"], p[f"{prefix}.norm1.bias"], eps)
+    a, ca = window_attention_forward(h, p, f"{prefix}.attn", stage.heads, stage.window, shift)
+    x = x + a
     t = x.reshape(B, H * W, C)                           # -> [B, T, C], row-major tokens
-    h = layer_norm(t, p[f"{prefix}.norm2.weight"], p[f"{prefix}.norm2.bias"], eps)
-    return (t + mlp(h)).reshape(B, H, W, C)              # -> [B, H, W, C]
+    h, n2 = layer_norm_forward(t, p[f"{prefix}.norm2.weight"], p[f"{prefix}.norm2.bias"], eps)
+    m, cm = mlp(h)
+    return (t + m).reshape(B, H, W, C), BlockCache(n1, ca, shift, n2, cm)  # -> [B, H, W, C]
 
 
-def patch_merging(x, p, prefix, eps):  # [B, H, W, C] -> [B, ⌈H/2⌉, ⌈W/2⌉, 2C]
+def block_backward(dy, c, p, prefix, stage, mlp_backward, grads):  # [B, H, W, C] -> same
+    """Residuals pass dy through; each branch adds its sublayer and norm backward."""
+    B, H, W, C = dy.shape
+    dt = dy.reshape(B, H * W, C)                         # -> [B, T, C]
+    dx2, dw2, db2 = layer_norm_backward(mlp_backward(dt, c.mlp, grads), c.norm2)
+    dx = (dt + dx2).reshape(B, H, W, C)
+    dh = window_attention_backward(dx, c.attn, p, f"{prefix}.attn", stage.window, c.shift, grads)
+    dx1, dw1, db1 = layer_norm_backward(dh, c.norm1)
+    for name, g in (("norm2.weight", dw2), ("norm2.bias", db2),
+                    ("norm1.weight", dw1), ("norm1.bias", db1)):
+        add_grad(grads, f"{prefix}.{name}", g)
+    return dx + dx1
+
+
+def patch_merging_forward(x, p, prefix, eps):  # [B, H, W, C] -> [B, ⌈H/2⌉, ⌈W/2⌉, 2C]
     """timm PatchMerging: pad odd sizes; concat x[0::2,0::2], x[1::2,0::2], x[0::2,1::2],
     x[1::2,1::2] on channels; LayerNorm(4C); bias-free reduction to 2C."""
     xp = get_xp(x)
+    size = x.shape[1:3]
     x = pad_to_multiple(x, (2, 2))
     x = xp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2],
                         x[:, 0::2, 1::2], x[:, 1::2, 1::2]], axis=-1)  # -> [B, H/2, W/2, 4C]
-    x = layer_norm(x, p[f"{prefix}.norm.weight"], p[f"{prefix}.norm.bias"], eps)
-    return linear(x, p[f"{prefix}.reduction.weight"])    # [.., 4C] -> [.., 2C], no bias
+    x, nc = layer_norm_forward(x, p[f"{prefix}.norm.weight"], p[f"{prefix}.norm.bias"], eps)
+    y, x = linear_forward(x, p[f"{prefix}.reduction.weight"])  # [.., 4C] -> [.., 2C], no bias
+    return y, (nc, x, size)
+
+
+def patch_merging_backward(dy, c, p, prefix, grads):  # [B, H/2, W/2, 2C] -> [B, H, W, C]
+    """Reduction and norm backward, then the four channel blocks go back to their pixels."""
+    xp = get_xp(dy)
+    nc, x, (H, W) = c
+    dx, dW, _ = linear_backward(dy, x, p[f"{prefix}.reduction.weight"], has_bias=False)
+    dx, dw, db = layer_norm_backward(dx, nc)             # -> [B, H/2, W/2, 4C]
+    B, h, w, C4 = dx.shape
+    C = C4 // 4
+    dpad = xp.empty((B, 2 * h, 2 * w, C), dtype=dx.dtype)  # every pixel is written once
+    for j, (r, s) in enumerate(((0, 0), (1, 0), (0, 1), (1, 1))):
+        dpad[:, r::2, s::2] = dx[..., j * C:(j + 1) * C]
+    for name, g in (("reduction.weight", dW), ("norm.weight", dw), ("norm.bias", db)):
+        add_grad(grads, f"{prefix}.{name}", g)
+    return dpad[:, :H, :W]                               # pad's adjoint: crop
+
+
+def features_forward(cfg, p, mlps, x, keep=True):  # [B, C_in, Hi, Wi] -> [B, Hs, Ws, C]
+    """timm forward_features: patch embed + LN (NHWC), stages (merging first if s >= 1), norm.
+
+    keep=False drops the caches as it goes (inference)."""
+    eps = cfg.norm_eps
+    t, patches = patch_embed_forward(x, p["patch_embed.proj.weight"], p["patch_embed.proj.bias"],
+                                     cfg.patch_size)     # -> [B, gh, gw, C0]
+    t, nc0 = layer_norm_forward(t, p["patch_embed.norm.weight"], p["patch_embed.norm.bias"], eps)
+    caches, i = [], 0
+    for s, stage in enumerate(cfg.stages):
+        if s > 0:
+            t, c = patch_merging_forward(t, p, f"layers.{s}.downsample", eps)  # -> [B, Hs, Ws, C]
+            caches.append(c if keep else None)
+            del c                                        # inference: free it now
+        for j in range(cfg.depths[s]):
+            t, c = block_forward(t, p, f"layers.{s}.blocks.{j}", stage, j % 2 == 1, mlps[i], eps)
+            caches.append(c if keep else None)
+            del c                                        # inference: free it now
+            i += 1
+    t, nc = layer_norm_forward(t, p["norm.weight"], p["norm.bias"], eps)
+    return t, (patches, nc0, caches, nc)
+
+
+def features_backward(dt, cache, p, cfg, mlp_backwards, grads):  # [B, Hs, Ws, C] -> None
+    """Backward of features_forward: stages and blocks in reverse order."""
+    patches, nc0, caches, nc = cache
+    dt, dw, db = layer_norm_backward(dt, nc)
+    add_grad(grads, "norm.weight", dw)
+    add_grad(grads, "norm.bias", db)
+    i = sum(cfg.depths)
+    for s in reversed(range(len(cfg.stages))):
+        for j in reversed(range(cfg.depths[s])):
+            i -= 1
+            dt = block_backward(dt, caches.pop(), p, f"layers.{s}.blocks.{j}", cfg.stages[s],
+                                mlp_backwards[i], grads)
+        if s > 0:
+            dt = patch_merging_backward(dt, caches.pop(), p, f"layers.{s}.downsample", grads)
+    dt, dw, db = layer_norm_backward(dt, nc0)
+    dW, dbp = patch_embed_backward(dt, patches, p["patch_embed.proj.weight"])
+    for name, g in (("norm.weight", dw), ("norm.bias", db), ("proj.weight", dW),
+                    ("proj.bias", dbp)):
+        add_grad(grads, f"patch_embed.{name}", g)
+
+
+def head_forward(t, p, cfg):  # [B, Hs, Ws, C] -> [B, K]
+    """timm ClassifierHead(pool 'avg', NHWC): mean over positions, then head.fc."""
+    pooled = t.mean(axis=(1, 2))                         # -> [B, C]
+    logits, _ = linear_forward(pooled, p["head.fc.weight"], p["head.fc.bias"])
+    return logits, (pooled, t.shape)
+
+
+def head_backward(dlogits, c, p, cfg, grads):  # [B, K] -> [B, Hs, Ws, C]
+    """head.fc backward, then the mean spreads dpooled / (Hs·Ws) over every position."""
+    xp = get_xp(dlogits)
+    pooled, shape = c
+    dpooled, dW, db = linear_backward(dlogits, pooled, p["head.fc.weight"])  # -> [B, C]
+    add_grad(grads, "head.fc.weight", dW)
+    add_grad(grads, "head.fc.bias", db)
+    return xp.broadcast_to((dpooled / (shape[1] * shape[2]))[:, None, None], shape)
+
+
+# ----------------------------------------------------------------------------- inference
+# The same functions with the caches dropped; ``mlp`` / ``mlps[i]`` are plain callables here.
+def window_attention(x, p, prefix, heads, window, shift):  # [B, H, W, C] -> [B, H, W, C]
+    return window_attention_forward(x, p, prefix, heads, window, shift)[0]
+
+
+def block(x, p, prefix, stage, shifted, mlp, eps):  # [B, H, W, C] -> [B, H, W, C]
+    return block_forward(x, p, prefix, stage, shifted, no_cache(mlp), eps)[0]
+
+
+def patch_merging(x, p, prefix, eps):  # [B, H, W, C] -> [B, ⌈H/2⌉, ⌈W/2⌉, 2C]
+    return patch_merging_forward(x, p, prefix, eps)[0]
 
 
 def features(cfg, p, mlps, x):  # [B, C_in, Hi, Wi] -> [B, Hs, Ws, C]
-    """timm forward_features: patch embed + LN (NHWC), stages (merging first if s >= 1), norm."""
-    eps = cfg.norm_eps
-    t = patch_embed(x, p, "patch_embed.proj", cfg.patch_size)  # -> [B, gh, gw, C0]
-    t = layer_norm(t, p["patch_embed.norm.weight"], p["patch_embed.norm.bias"], eps)
-    i = 0
-    for s, stage in enumerate(cfg.stages):
-        if s > 0:
-            t = patch_merging(t, p, f"layers.{s}.downsample", eps)  # -> [B, Hs, Ws, C]
-        for j in range(cfg.depths[s]):
-            t = block(t, p, f"layers.{s}.blocks.{j}", stage, j % 2 == 1, mlps[i], eps)
-            i += 1
-    return layer_norm(t, p["norm.weight"], p["norm.bias"], eps)
+    return features_forward(cfg, p, {i: no_cache(f) for i, f in mlps.items()}, x, keep=False)[0]
 
 
 def head(t, p, cfg):  # [B, Hs, Ws, C] -> [B, K]
-    """timm ClassifierHead(pool 'avg', NHWC): mean over positions, then head.fc."""
-    pooled = t.mean(axis=(1, 2))                         # -> [B, C]
-    return linear(pooled, p["head.fc.weight"], p["head.fc.bias"])
+    return head_forward(t, p, cfg)[0]
 
 
 def forward(cfg, p, mlps, x):  # [B, C_in, Hi, Wi] -> [B, K]
     """Logits of a Swin; ``mlps[i]`` is global block i's MLP callable [..., C] -> [..., C]."""
     return head(features(cfg, p, mlps, x), p, cfg)
+
+
+# ----------------------------------------------------------------------------- training
+def forward_train(cfg, p, mlps, x):  # [B, C_in, Hi, Wi] -> ([B, K], cache)
+    """Logits and the cache for :func:`backward`; ``mlps[i]`` is a train_mlps.MLPLayer."""
+    t, cache = features_forward(cfg, p, {i: m.forward for i, m in mlps.items()}, x)
+    logits, hc = head_forward(t, p, cfg)
+    return logits, (cache, hc)
+
+
+def backward(cfg, p, mlps, dlogits, cache, grads):  # [B, K] -> None; grads updated
+    """Add dLoss/dparam (math layout) for the upstream gradient ``dlogits`` to ``grads``."""
+    fcache, hc = cache
+    dt = head_backward(dlogits, hc, p, cfg, grads)
+    features_backward(dt, fcache, p, cfg, {i: m.backward for i, m in mlps.items()}, grads)

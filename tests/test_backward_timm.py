@@ -1,0 +1,59 @@
+"""Oracle test: models.vjp against timm's autograd (needs torch + timm; skipped without them).
+
+The small timm models of test_models_timm.py (random non-init weights, eval mode) in float64:
+logits.backward(dlogits) gives every parameter's .grad, which must equal our hand-written
+gradients under the same key and in the same (PyTorch) layout.
+Run:  python -m pytest tests/test_backward_timm.py -q
+"""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+try:
+    timm = pytest.importorskip("timm")
+except pytest.skip.Exception:
+    raise
+except Exception as e:  # e.g. a torchvision built for another torch: RuntimeError on import
+    pytest.skip(f"timm is not importable here: {type(e).__name__}: {e}", allow_module_level=True)
+from timm.models.swin_transformer import SwinTransformer  # noqa: E402
+from test_models_timm import (SWIN_CASES, VIT_CASES, export, images_for,  # noqa: E402
+                              randomize_, swin_config, vit_config)
+
+from fips_ref.models import vjp  # noqa: E402
+
+
+def timm_vjp(model, images, dlogits):
+    """timm logits and {parameter name: dL/dparam} for the upstream gradient dlogits (float64)."""
+    model = model.double()
+    model.zero_grad()
+    logits = model(torch.from_numpy(images.astype(np.float64)))
+    logits.backward(torch.from_numpy(dlogits))
+    grads = {n: p.grad.numpy() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach().numpy(), grads
+
+
+def compare(model, ckpt, images):
+    dlogits = np.random.default_rng(0).standard_normal((images.shape[0],
+                                                        ckpt.config["num_classes"]))
+    ref_logits, ref = timm_vjp(model, images, dlogits)
+    logits, ours = vjp(ckpt, images, dlogits, dtype=np.float64, batch_size=2)
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-9, atol=1e-10)
+    assert set(ours) == set(ref), set(ours) ^ set(ref)
+    for key, g in ref.items():
+        assert ours[key].shape == g.shape, key
+        scale = max(float(np.abs(g).max()), 1e-12)
+        np.testing.assert_allclose(ours[key], g, rtol=1e-8, atol=1e-10 * scale, err_msg=key)
+
+
+@pytest.mark.parametrize("name", sorted(VIT_CASES))
+def test_vit_gradients_match_timm_autograd(name):
+    cls, kw, extra = VIT_CASES[name]
+    model = randomize_(cls(**kw), seed=1)
+    compare(model, export(model, vit_config(kw, extra)), images_for(kw["img_size"]))
+
+
+@pytest.mark.parametrize("name", sorted(SWIN_CASES))
+def test_swin_gradients_match_timm_autograd(name):
+    kw = SWIN_CASES[name]
+    model = randomize_(SwinTransformer(**kw), seed=2)
+    compare(model, export(model, swin_config(kw)), images_for(kw["img_size"]))
