@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .backend import get_xp
-from .condensed import Condensed, decode, global_indices
+from .condensed import decode, global_indices
 from .mlp import gelu
 from .structured import fan_in_axis, unit_view
 
@@ -46,8 +46,9 @@ class InferLayer(NamedTuple):
 
 # ----------------------------------------------------------------------------- preparation
 def prepare_layer(U, V, mask, bias, basis_first, *, paths=PATHS, threads=None):
-    """An InferLayer of one fc layer from U [rows, R], V_j and its bool mask [R, cols], for ``paths``."""
+    """An InferLayer of one fc layer from U [rows, R], V_j and its bool mask [R, cols] (None: dense)."""
     xp = get_xp(U, V)
+    mask = xp.ones(V.shape, dtype=bool) if mask is None else mask
     Vm = xp.where(mask, V, 0).astype(V.dtype)                           # [R, cols]
     axis = fan_in_axis(basis_first)
     n_units, fan_in = unit_view(mask, axis).shape

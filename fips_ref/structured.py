@@ -18,6 +18,19 @@ import numpy as np
 from .backend import get_xp
 from .sparsity import keep_count, rigl_update
 
+# --help text for the CLI flags these sparsifiers need (docs/deployment.md §2)
+HELP = {
+    "set": "SET: magnitude drop, uniform random regrowth on RigL's schedule (Mocanu et al. 2018); "
+           "global or per layer, or per unit with --fan-in constant",
+    "srigl": "SRigL: constant fan-in per unit of V, RigL drop/grow, neuron ablation below "
+             "--gamma-sal (Lasby et al. 2024); per layer only, refuses --global-pruning",
+    "nm": "N:M along each unit's fan-in with SR-STE (Zhou et al. 2021), e.g. --nm 1:4 (sparsity "
+          "0.75); per layer only, refuses --global-pruning; the rank must be a multiple of M",
+    "fan_in": "'constant': every unit of V keeps exactly k = int(fan_in·(1 − s)) entries (set); "
+              "constant fan-in fixes each layer's count, so it cannot be allocated globally",
+    "gamma_sal": "SRigL's saliency threshold γ_sal (default 0.3, sparsimony's); 'none' disables ablation",
+}
+
 
 # ----------------------------------------------------------------------------- views and ranks
 def fan_in_axis(basis_first):
