@@ -16,7 +16,8 @@ weights, so that, as in a whole model, they come from memory and not from a warm
 U once per block, V dense, or indices + values) are printed with the bytes-bound time at the
 memory bandwidth measured in the same run (a sum over a 512 MB array), and the MACs
 (infer.path_macs). Paths whose estimated time (infer.estimate_seconds) exceeds --max-seconds
-are skipped and say so.
+are skipped and say so. 'auto' uses infer.calibrate() (--cost calibrate, the default), measured
+at the start of the run, or the built-in infer.CostModel() (--cost default).
 
     python bench/inference.py                                  # everything (several minutes)
     python bench/inference.py --budgets 0.25 --tokens 1 16 --repeats 5
@@ -42,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="CSR row blocks in threads (0: every core)")
     p.add_argument("--max-seconds", type=float, default=3.0,
                    help="skip a path whose estimated time per call exceeds this")
+    p.add_argument("--cost", choices=("calibrate", "default"), default="calibrate",
+                   help="cost model of 'auto': infer.calibrate() on this machine, or infer.CostModel()")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -112,7 +115,7 @@ def main(argv=None):
     args = parse_args(argv)
     sys.path.insert(0, ROOT)
     import numpy as np
-    from fips_ref.infer import choose_path, estimate_seconds, mlp_forward, path_macs
+    from fips_ref.infer import CostModel, calibrate, choose_path, estimate_seconds, mlp_forward, path_macs
     from fips_ref.mlp import dense_mlp
 
     rng = np.random.default_rng(args.seed)
@@ -120,6 +123,8 @@ def main(argv=None):
     print(f"# {' '.join(sys.argv)}\n# numpy {np.__version__}, cores {os.cpu_count()}, "
           f"BLAS threads env {os.environ.get('OPENBLAS_NUM_THREADS', 'default')}, "
           f"memory bandwidth {bw / 1e9:.1f} GB/s, copies {args.copies}")
+    cost = calibrate() if args.cost == "calibrate" else CostModel()
+    print(f"# cost model ({args.cost}): {cost}")
     dense = dense_copies(np, rng, args.copies)
     dense_bytes = sum(w.nbytes for w in dense[0][::2])
     for budget in args.budgets:
@@ -130,8 +135,10 @@ def main(argv=None):
               f"{'weights MB':>10} {'bytes-bound ms':>14} {'bytes limit':>11}")
         for m in args.tokens:
             run_tokens(np, args, m, dense, fips, bw, dense_bytes,
-                       dict(choose_path=choose_path, estimate_seconds=estimate_seconds,
-                            mlp_forward=mlp_forward, path_macs=path_macs, dense_mlp=dense_mlp))
+                       dict(choose_path=lambda m_, f: choose_path(m_, f, cost),
+                            estimate_seconds=lambda p_, m_, f: estimate_seconds(p_, m_, f, cost),
+                            mlp_forward=lambda x, a, b, path: mlp_forward(x, a, b, path, cost),
+                            path_macs=path_macs, dense_mlp=dense_mlp))
         del fips
 
 

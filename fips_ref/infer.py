@@ -15,6 +15,7 @@ The choice per batch size uses MAC counts (functions below, paper §3) weighted 
 of the machine (docs/deployment.md §3); any path can be forced.
 """
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -177,6 +178,37 @@ def estimate_seconds(path, m, f, cost=None):
         return u_part + 1e-9 * cost.gather_ns_per_mac * m * f.stored
     per_entry = cost.csr_ns_per_entry + cost.csr_ns_per_entry_token * m
     return u_part + 1e-9 * per_entry * f.stored / max(len(f.csr), 1)
+
+
+def calibrate(dtype=np.float32, repeats=3):
+    """A CostModel measured on this machine in about a second (NumPy; best of ``repeats``):
+    GEMM rate of [256, 768] @ [768, 3072], bandwidth of a mat-vec over 64 MB (beyond most caches),
+    CSR time per entry at 1 and 16 tokens, gather time per MAC (1M entries, 682 fan-in)."""
+    import scipy.sparse
+    rng = np.random.default_rng(0)
+    best = lambda fn: min(_seconds(fn) for _ in range(repeats))
+    a, w = rng.standard_normal((256, 768)).astype(dtype), rng.standard_normal((768, 3072)).astype(dtype)
+    big = np.ones((4096, (64 << 20) // (4096 * np.dtype(dtype).itemsize)), dtype=dtype)   # 64 MB
+    v = np.ones(big.shape[1], dtype=dtype)
+    units, k, fan_in = 4096, 256, 682
+    idx = np.sort(rng.random((units, fan_in)).argsort(axis=1)[:, :k], axis=1)
+    vals = rng.standard_normal((units, k)).astype(dtype)
+    S = scipy.sparse.csr_matrix((vals.ravel(), idx.ravel(), np.arange(0, units * k + 1, k)),
+                                shape=(units, fan_in))
+    t1, t16 = rng.standard_normal(fan_in).astype(dtype), rng.standard_normal((fan_in, 16)).astype(dtype)
+    c1, c16 = best(lambda: S @ t1) / S.nnz, best(lambda: S @ t16) / S.nnz
+    t4 = rng.standard_normal((4, fan_in)).astype(dtype)
+    g = best(lambda: np.einsum("mak,ak->ma", np.take(t4, idx, axis=1), vals)) / (4 * S.nnz)
+    return CostModel(gemm_macs_per_s=a.shape[0] * w.size / best(lambda: a @ w),
+                     bytes_per_s=big.nbytes / best(lambda: big @ v),
+                     csr_ns_per_entry=1e9 * c1, csr_ns_per_entry_token=max(1e9 * (c16 - c1) / 15, 0.0),
+                     gather_ns_per_mac=1e9 * g)
+
+
+def _seconds(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def available_paths(f):

@@ -16,7 +16,7 @@ Random draws use an explicit ``np.random.Generator`` on the host (backend.py).
 import numpy as np
 
 from .backend import get_xp
-from .sparsity import keep_count, rigl_update
+from .sparsity import keep_count, rigl_update, topk_mask
 
 # --help text for the CLI flags these sparsifiers need (docs/deployment.md §2)
 HELP = {
@@ -154,7 +154,6 @@ def srigl_update(V, mask, dense_grad, drop_fraction, sparsity, *, axis, gamma_sa
 
 def _flat_topk(score, k):  # [N] -> [N] bool
     """Exactly k largest of a flat score, ties to the lower index (sparsity.topk_mask)."""
-    from .sparsity import topk_mask
     return topk_mask(score, k)
 
 

@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 
 from fips_ref.backend import to_numpy
 from fips_ref.condensed import encode
-from fips_ref.infer import (PATHS, CostModel, InferLayer, available_paths, choose_path,
+from fips_ref.infer import (PATHS, CostModel, InferLayer, available_paths, calibrate, choose_path,
                             inference_mlp_fn, layer_forward, macs_dense, macs_lowrank,
                             macs_materialised, mlp_forward, path_macs, prepare_condensed,
                             prepare_layer)
@@ -180,3 +180,12 @@ def test_choice_follows_the_cost_model():
         assert choose_path(m, lay, CostModel(gemm_macs_per_s=1e30, bytes_per_s=1e30)) in ("materialised", "lowrank")
     free_csr = CostModel(csr_ns_per_entry=0.0, csr_ns_per_entry_token=0.0)
     assert choose_path(25216, lay, free_csr) == "csr"
+
+
+def test_calibrate_measures_positive_rates_usable_by_the_choice():
+    cost = calibrate(repeats=1)
+    for name in ("gemm_macs_per_s", "bytes_per_s", "csr_ns_per_entry", "gather_ns_per_mac"):
+        value = getattr(cost, name)
+        assert np.isfinite(value) and value > 0, name
+    assert cost.csr_ns_per_entry_token >= 0
+    assert choose_path(1, _deit_layer(682, 0.25, True), cost) in PATHS
