@@ -47,7 +47,21 @@ class InferLayer(NamedTuple):
 
 # ----------------------------------------------------------------------------- preparation
 def prepare_layer(U, V, mask, bias, basis_first, *, paths=PATHS, threads=None):
-    """An InferLayer of one fc layer from U [rows, R], V_j and its bool mask [R, cols] (None: dense)."""
+    """An InferLayer of one fc layer, holding the data of ``paths``.
+
+    Parameters
+    ----------
+    U : [rows, R] shared basis of the layer's group.
+    V, mask : [R, cols] the layer's slice and its bool mask (None: every entry active).
+    bias : [out] the layer's bias.
+    basis_first : True when the math weight is U·V_j (sharing.Layer.basis_first), else (U·V_j)ᵀ.
+    paths : the paths to prepare (PATHS; 'csr' needs NumPy).
+    threads : CSR row blocks run in parallel (None: every core this process may use).
+
+    Returns
+    -------
+    InferLayer, for layer_forward / mlp_forward.
+    """
     xp = get_xp(U, V)
     mask = xp.ones(V.shape, dtype=bool) if mask is None else mask
     Vm = xp.where(mask, V, 0).astype(V.dtype)                           # [R, cols]
@@ -270,7 +284,12 @@ def layer_forward(x, f, path):  # [M, in] -> [M, out]
 
 
 def mlp_forward(x, fc1, fc2, path=None, cost=None):  # [M, D] -> [M, D]
-    """fc2(GELU(fc1(x))) of prepared layers; ``path`` forced, or chosen per layer for M (choose_path)."""
+    """Compressed MLP for inference, each layer by ``path`` or by choose_path for this M.
+
+    .. math:: y = \mathrm{GELU}(x W_1 + b_1) W_2 + b_2,\quad W_1 = U V_1,\ W_2 = (U V_2)^\top
+
+    (for 'long' sharing; paper §3). ``cost``: a CostModel (default CostModel()).
+    """
     p1 = path or choose_path(x.shape[0], fc1, cost)
     p2 = path or choose_path(x.shape[0], fc2, cost)
     return layer_forward(gelu(layer_forward(x, fc1, p1)), fc2, p2)

@@ -141,7 +141,7 @@ def srigl_update(V, mask, dense_grad, drop_fraction, sparsity, *, axis, gamma_sa
         alive = alive & ~_ablate(v, m, g, n_keep, gamma_sal, alive, keep_count(m.size, sparsity))
     m = m & alive[:, None]
     flat = xp.where(m, xp.abs(v), -xp.inf).reshape(-1)                   # [U·n]
-    keep = _flat_topk(flat, min(n_keep, int(m.sum()))).reshape(m.shape) & m
+    keep = topk_mask(flat, min(n_keep, int(m.sum()))).reshape(m.shape) & m
     n_alive = int(alive.sum())
     k_new = min(fan_in, keep_count(m.size, sparsity) // max(n_alive, 1))
     target = xp.where(alive, k_new, 0)
@@ -152,18 +152,13 @@ def srigl_update(V, mask, dense_grad, drop_fraction, sparsity, *, axis, gamma_sa
             xp.ascontiguousarray(unit_view(grow, axis)), ~alive)
 
 
-def _flat_topk(score, k):  # [N] -> [N] bool
-    """Exactly k largest of a flat score, ties to the lower index (sparsity.topk_mask)."""
-    return topk_mask(score, k)
-
-
 def _ablate(v, m, g, n_keep, gamma_sal, alive, target_nnz):  # [U, n] x3 -> [U] bool
     """Units to ablate: salient count < γ_sal·k, fewest salient first, never below ⌈target/fan_in⌉ units."""
     xp = get_xp(v)
     n_units, fan_in = m.shape
     k = max(int(m.sum()) // max(int(alive.sum()), 1), 1)                 # current fan-in
-    by_mag = _flat_topk(xp.where(m, xp.abs(v), -xp.inf).reshape(-1), n_keep)
-    by_grad = _flat_topk(xp.where(alive[:, None], g, -xp.inf).reshape(-1), n_keep)
+    by_mag = topk_mask(xp.where(m, xp.abs(v), -xp.inf).reshape(-1), n_keep)
+    by_grad = topk_mask(xp.where(alive[:, None], g, -xp.inf).reshape(-1), n_keep)
     salient = (by_mag | by_grad).reshape(m.shape).sum(axis=1)            # [U]
     weak = alive & (salient < gamma_sal * k)
     max_ablate = int(alive.sum()) - -(-target_nnz // fan_in)            # keep k' ≤ fan_in
