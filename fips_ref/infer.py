@@ -284,7 +284,7 @@ def layer_forward(x, f, path):  # [M, in] -> [M, out]
 
 
 def mlp_forward(x, fc1, fc2, path=None, cost=None):  # [M, D] -> [M, D]
-    """Compressed MLP for inference, each layer by ``path`` or by choose_path for this M.
+    r"""Compressed MLP for inference, each layer by ``path`` or by choose_path for this M.
 
     .. math:: y = \mathrm{GELU}(x W_1 + b_1) W_2 + b_2,\quad W_1 = U V_1,\ W_2 = (U V_2)^\top
 
