@@ -46,7 +46,12 @@ class InferLayer(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- preparation
-def prepare_layer(U, V, mask, bias, basis_first, *, paths=PATHS, threads=None):
+def default_paths(xp):
+    """Every path the backend offers: all on NumPy; no 'csr' elsewhere (SciPy sparse is host-only)."""
+    return PATHS if xp is np else tuple(p for p in PATHS if p != "csr")
+
+
+def prepare_layer(U, V, mask, bias, basis_first, *, paths=None, threads=None):
     """An InferLayer of one fc layer, holding the data of ``paths``.
 
     Parameters
@@ -55,7 +60,7 @@ def prepare_layer(U, V, mask, bias, basis_first, *, paths=PATHS, threads=None):
     V, mask : [R, cols] the layer's slice and its bool mask (None: every entry active).
     bias : [out] the layer's bias.
     basis_first : True when the math weight is U·V_j (sharing.Layer.basis_first), else (U·V_j)ᵀ.
-    paths : the paths to prepare (PATHS; 'csr' needs NumPy).
+    paths : the paths to prepare (None: default_paths of the backend; 'csr' needs NumPy).
     threads : CSR row blocks run in parallel (None: every core this process may use).
 
     Returns
@@ -63,6 +68,7 @@ def prepare_layer(U, V, mask, bias, basis_first, *, paths=PATHS, threads=None):
     InferLayer, for layer_forward / mlp_forward.
     """
     xp = get_xp(U, V)
+    paths = default_paths(xp) if paths is None else paths
     mask = xp.ones(V.shape, dtype=bool) if mask is None else mask
     Vm = xp.where(mask, V, 0).astype(V.dtype)                           # [R, cols]
     axis = fan_in_axis(basis_first)

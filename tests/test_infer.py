@@ -10,7 +10,7 @@ from hypothesis import given, strategies as st
 from fips_ref.backend import to_numpy
 from fips_ref.condensed import encode
 from fips_ref.infer import (PATHS, CostModel, InferLayer, available_paths, calibrate, choose_path,
-                            inference_mlp_fn, layer_forward, macs_dense, macs_lowrank,
+                            default_paths, inference_mlp_fn, layer_forward, macs_dense, macs_lowrank,
                             macs_materialised, mlp_forward, path_macs, prepare_condensed,
                             prepare_layer)
 from fips_ref.mlp import dense_mlp
@@ -19,7 +19,7 @@ from fips_ref.structured import constant_fan_in_mask, nm_mask, unit_view
 
 
 def _paths_for(xp):
-    return PATHS if xp is np else tuple(p for p in PATHS if p != "csr")   # CSR: SciPy, NumPy only
+    return default_paths(xp)
 
 
 def _mlp(rng, d, f, r, kind, dtype=np.float64):
@@ -59,8 +59,9 @@ def test_every_path_gives_the_same_output(xp, seed, m, dims, kind, threads):
     want = _reference(x, U, fc1, fc2)
     paths = _paths_for(xp)
     a = lambda t: tuple(xp.asarray(v) for v in t)
-    l1 = prepare_layer(xp.asarray(U), *a(fc1[:2]), xp.asarray(fc1[2]), True, paths=paths, threads=threads)
-    l2 = prepare_layer(xp.asarray(U), *a(fc2[:2]), xp.asarray(fc2[2]), False, paths=paths, threads=threads)
+    l1 = prepare_layer(xp.asarray(U), *a(fc1[:2]), xp.asarray(fc1[2]), True, threads=threads)
+    l2 = prepare_layer(xp.asarray(U), *a(fc2[:2]), xp.asarray(fc2[2]), False, threads=threads)
+    assert available_paths(l1) == available_paths(l2) == paths
     for p in paths:
         got = to_numpy(mlp_forward(xp.asarray(x), l1, l2, path=p))
         assert got.shape == (m, d)
