@@ -75,7 +75,7 @@ def fan_in_k(fan_in, sparsity):
 
 
 def constant_fan_in_mask(V, k, axis):  # [R, cols] -> [R, cols] bool
-    """Keep the k largest |V| of every unit (SRigL init, Lasby et al. 2024 §3; sparsimony FFIPruner)."""
+    """Keep the k largest |V| of every unit (SRigL init, Lasby et al. ICLR 2024; sparsimony FFIPruner)."""
     xp = get_xp(V)
     return xp.ascontiguousarray(unit_view(row_topk(xp.abs(unit_view(V, axis)), k), axis))
 
@@ -117,7 +117,7 @@ def set_update(V, masks, drop_fraction, sparsity, *, rng, axes=None, global_prun
 
 # ----------------------------------------------------------------------------- SRigL
 def srigl_update(V, mask, dense_grad, drop_fraction, sparsity, *, axis, gamma_sal=0.3):
-    """One SRigL update of a layer (Lasby et al. 2024, Alg. 1; sparsimony dst/srigl.py): (mask, grown, ablated).
+    """One SRigL update of a layer (Lasby et al. ICLR 2024; sparsimony dst/srigl.py): (mask, grown, ablated).
 
     1. Drop (RigL, layer-wide, unstructured): keep the int(N·(1 − target)) largest active |V|,
        target = round(ρ·(1 − s_cur) + s_cur, 6) as in docs/authors-code.md §5.5.
@@ -186,7 +186,7 @@ def nm_groups(a, m, axis):  # [R, cols] -> [units, G, M]
 
 
 def nm_mask(V, n, m, axis):  # [R, cols] -> [R, cols] bool
-    """Keep the N largest |V| of every group of M along each unit's fan-in (Zhou et al. 2021 §3)."""
+    """Keep the N largest |V| of every group of M along each unit's fan-in (Zhou et al. ICLR 2021)."""
     xp = get_xp(V)
     grp = nm_groups(xp.abs(V), m, axis)                                   # [U, G, M]
     keep = row_topk(grp.reshape(-1, m), n).reshape(grp.shape)
@@ -195,7 +195,7 @@ def nm_mask(V, n, m, axis):  # [R, cols] -> [R, cols] bool
 
 
 def srste_grad(dense_grad, V, mask, decay=2e-4):  # [R, cols] -> [R, cols]
-    """SR-STE gradient (Zhou et al. 2021, Eq. 6): the dense gradient passed straight through to
+    """SR-STE gradient (Zhou et al. ICLR 2021): the dense gradient passed straight through to
     every entry plus λ_W·(¬mask ⊙ V), λ_W = 2e-4 (docs/authors-code.md §5.6, the code's value)."""
     xp = get_xp(V)
     return dense_grad + decay * xp.where(mask, 0.0, V).astype(V.dtype)
