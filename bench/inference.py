@@ -84,8 +84,8 @@ def fips_copies(np, rng, budget, sparsity, n, threads):
     r = sparse_rank(4, D, budget, sparsity)
     U = (rng.standard_normal((D, r)) / np.sqrt(D)).astype(np.float32)
     V = [(rng.standard_normal((r, F)) / np.sqrt(r)).astype(np.float32) for _ in range(2)]
-    M = [constant_fan_in_mask(V[0], fan_in_k(r, sparsity), 0),
-         constant_fan_in_mask(V[1], fan_in_k(F, sparsity), 1)]
+    M = [constant_fan_in_mask(V[0], fan_in_k(r, sparsity, F), 0),
+         constant_fan_in_mask(V[1], fan_in_k(F, sparsity, r), 1)]
     base = (prepare_layer(U, V[0], M[0], np.zeros(F, np.float32), True, threads=threads),
             prepare_layer(U, V[1], M[1], np.zeros(D, np.float32), False, threads=threads))
     out, u = [], U

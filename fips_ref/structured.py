@@ -69,9 +69,10 @@ def fan_in_counts(mask, axis):  # [R, cols] -> [units]
 
 
 # ----------------------------------------------------------------------------- constant fan-in
-def fan_in_k(fan_in, sparsity):
-    """Per-unit keep count int(fan_in·(1 − s)) of a constant fan-in layer (SRigL's FFI init)."""
-    return keep_count(fan_in, sparsity)
+def fan_in_k(fan_in, sparsity, n_units=1):
+    """Per-unit keep count of a constant fan-in layer: keep_count(units·fan_in, s) // units, i.e.
+    int(fan_in·(1 − s)) (SRigL's FFI init), computed as srigl_update's k' so the two agree exactly."""
+    return keep_count(n_units * fan_in, sparsity) // n_units
 
 
 def constant_fan_in_mask(V, k, axis):  # [R, cols] -> [R, cols] bool

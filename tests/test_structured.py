@@ -58,6 +58,7 @@ def test_constant_fan_in_mask_exact_k_per_unit(xp, seed, shape, axis, ties, data
 
 def test_fan_in_k_and_nm_sparsity():
     assert fan_in_k(682, 0.75) == 170 and fan_in_k(3072, 0.75) == 768
+    assert fan_in_k(682, 0.75, 3072) == 170 and fan_in_k(3072, 0.75, 682) == 768
     assert nm_sparsity(1, 4) == 0.75 and nm_sparsity(2, 4) == 0.5
 
 
@@ -130,7 +131,7 @@ def test_srigl_constant_fan_in_and_count_after_every_update(xp, seed, shape, axi
     rng = np.random.default_rng(seed)
     V = xp.asarray(rng.standard_normal(shape))
     n_units, fan_in = unit_view(V, axis).shape
-    k = fan_in_k(fan_in, s)
+    k = fan_in_k(fan_in, s, n_units)
     assume(k >= 1)
     m = constant_fan_in_mask(V, k, axis)
     target = keep_count(V.size, s)
