@@ -278,6 +278,9 @@ def _csr_product(t, blocks):  # [M, in] -> [M, units]
 
 def layer_forward(x, f, path):  # [M, in] -> [M, out]
     """y = x W + b of one prepared layer by ``path`` (W = U V_j, or (U V_j)ᵀ)."""
+    if path not in available_paths(f):
+        raise ValueError(f"inference path {path!r} is not prepared for this layer "
+                         f"(prepared: {', '.join(available_paths(f)) or 'none'})")
     if path == "materialised":
         W = f.U @ f.V if f.basis_first else f.V.T @ f.U.T               # [in, out]
         y = x @ W

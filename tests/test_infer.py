@@ -119,6 +119,9 @@ def test_inference_mlp_fn_keeps_leading_shape_and_refuses_unknown_path():
     np.testing.assert_allclose(y.reshape(10, 8), _reference(h.reshape(10, 8), U, fc1, fc2), rtol=1e-10)
     with pytest.raises(ValueError, match="unknown inference path 'sparse'"):
         prepare_layer(U, *fc1, True, paths=("sparse",))
+    only_csr = prepare_layer(U, *fc1, True, paths=("csr",))
+    with pytest.raises(ValueError, match="'gather' is not prepared for this layer .prepared: csr."):
+        layer_forward(h[0], only_csr, "gather")
 
 
 # ----------------------------------------------------------------------------- MACs (paper §3)
