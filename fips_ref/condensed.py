@@ -141,16 +141,7 @@ def storage_report(U, conds, value_dtype=np.float16):
               for c, a in zip(conds, ablated)]
     in_dtype = [(c.values.size, 8 * c.indices.dtype.itemsize, a * 8 * c.units.dtype.itemsize * c.units.shape[0])
                 for c, a in zip(conds, ablated)]
-    cond_arrays = {"U": U.astype(value_dtype)}
-    masks, values = [], []
-    for i, c in enumerate(conds):
-        cond_arrays.update(to_arrays(c._replace(values=c.values.astype(value_dtype)), f"V{i}"))
-        v, mk = decode(c._replace(values=to_numpy(c.values), indices=to_numpy(c.indices),
-                                  units=to_numpy(c.units)))
-        masks.append(mk.ravel())
-        values.append(v[mk])
-    bitmask_arrays = {"U": U.astype(value_dtype), "mask": np.packbits(np.concatenate(masks)),
-                      "values": np.concatenate(values).astype(value_dtype)}
+    cond_arrays, bitmask_arrays = _file_arrays(U, conds, value_dtype)
     return {
         "nnz": nnz, "rows": rows, "rank": rank, "cols": cols, "value_bits": vbits,
         "bits_bitmask": storage_bits(rows, rank, cols, nnz, value_bits=vbits),
@@ -159,3 +150,18 @@ def storage_report(U, conds, value_dtype=np.float16):
         "file_bytes_bitmask": npz_bytes(bitmask_arrays),
         "file_bytes_condensed": npz_bytes(cond_arrays),
     }
+
+
+def _file_arrays(U, conds, value_dtype):  # -> ({name: array} condensed, {name: array} bitmask)
+    """The group's arrays in both layouts: condensed per layer, and codec.py's packed bitmask + values."""
+    cond = {"U": U.astype(value_dtype)}
+    masks, values = [], []
+    for i, c in enumerate(conds):
+        cond.update(to_arrays(c._replace(values=c.values.astype(value_dtype)), f"V{i}"))
+        v, mk = decode(c._replace(values=to_numpy(c.values), indices=to_numpy(c.indices),
+                                  units=to_numpy(c.units)))
+        masks.append(mk.ravel())
+        values.append(v[mk])
+    bitmask = {"U": U.astype(value_dtype), "mask": np.packbits(np.concatenate(masks)),
+               "values": np.concatenate(values).astype(value_dtype)}
+    return cond, bitmask
