@@ -113,7 +113,7 @@ def _build(U, Vm, bias, basis_first, ell, nnz, paths, threads, n_units, fan_in):
 
 def _csr_blocks(idx, values, units, n_units, fan_in, threads):
     """CSR of the V product as [units, fan_in] (ELL padding kept as explicit zeros), in row blocks
-    for ``threads`` threads (SciPy's sparse products release the GIL)."""
+    for ``threads`` threads (SciPy's sparsetools release the GIL on large arrays, scipy PR #3477)."""
     import scipy.sparse
     if get_xp(values) is not np:
         raise ValueError("inference path 'csr' needs NumPy arrays (SciPy sparse)")
