@@ -113,6 +113,18 @@ def to_arrays(c, prefix):
     return out
 
 
+def from_arrays(arrays, prefix, *, n_units, fan_in, axis, m=0):
+    """The Condensed saved by to_arrays (shapes from the metadata); ValueError on inconsistent arrays."""
+    values, idx = arrays[f"{prefix}.values"], arrays[f"{prefix}.indices"]
+    units = arrays.get(f"{prefix}.units")
+    units = np.arange(n_units, dtype=index_dtype(n_units)) if units is None else units
+    if values.shape != idx.shape or values.ndim != 2 or units.shape != (values.shape[0],) \
+            or idx.dtype.kind != "u" or units.dtype.kind != "u":
+        raise ValueError(f"condensed: arrays {prefix}.* disagree (values {values.shape}, "
+                         f"indices {idx.shape} {idx.dtype}, units {units.shape} {units.dtype})")
+    return Condensed(values, idx, units, n_units, fan_in, axis, m)
+
+
 def indexed_storage_bits(rows, rank, layers, value_bits=16):
     """Paper §3 storage of one group with indices instead of a bitmask:
     value_bits·(rows·R + Σ nnz_j) + Σ_j (idx_bits_j·nnz_j + unit_bits_j), for

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, strategies as st
 
 from fips_ref.backend import to_numpy
-from fips_ref.condensed import (decode, encode, index_bits, index_dtype, indexed_storage_bits,
-                                npz_bytes, storage_report, to_arrays)
+from fips_ref.condensed import (decode, encode, from_arrays, index_bits, index_dtype,
+                                indexed_storage_bits, npz_bytes, storage_report, to_arrays)
 from fips_ref.structured import constant_fan_in_mask, nm_mask, unit_view
 
 DTYPES = [np.float16, np.float32, np.float64]
@@ -98,3 +98,24 @@ def test_storage_formulas_closed_form_and_file_bytes():
 def test_npz_bytes_counts_array_payload():
     small, big = npz_bytes({"a": np.zeros(10, np.uint8)}), npz_bytes({"a": np.zeros(1010, np.uint8)})
     assert big - small == 1000
+
+
+@pytest.mark.parametrize("ablate, m", [(False, 0), (True, 0), (False, 4)])
+def test_round_trip_through_an_npz_file(tmp_path, ablate, m):
+    """encode → to_arrays → np.savez → np.load → from_arrays → decode gives V ⊙ mask bit for bit."""
+    V = np.random.default_rng(5).standard_normal((12, 40)).astype(np.float16)
+    mask = nm_mask(V, 1, 4, 0) if m else constant_fan_in_mask(V, 3, 0)
+    if ablate:
+        mask[:, [2, 7]] = False                                           # units are columns (axis 0)
+    np.savez(tmp_path / "v.npz", **to_arrays(encode(V, mask, 0, m), "fips.V.0.1"))
+    with np.load(tmp_path / "v.npz") as f:
+        c = from_arrays(dict(f), "fips.V.0.1", n_units=40, fan_in=12, axis=0, m=m)
+    v2, m2 = decode(c)
+    assert (m2 == mask).all() and (v2.view(np.uint16) == np.where(mask, V, 0).view(np.uint16)).all()
+
+
+def test_from_arrays_refuses_inconsistent_arrays():
+    arrays = to_arrays(encode(np.ones((2, 4)), np.array([[True, False, True, False]] * 2), 1), "v")
+    arrays["v.indices"] = arrays["v.indices"][:1]
+    with pytest.raises(ValueError, match="arrays v.. disagree"):
+        from_arrays(arrays, "v", n_units=2, fan_in=4, axis=1)
