@@ -24,7 +24,7 @@ from . import STUDIES
 from .context import Context, split_calibration
 from .output import load_pyplot, save_figure, say_no_matplotlib, text_table, write_csv, write_markdown
 
-STUDY_EPOCHS = 2          # the authors run 20; the study's default is smaller so 'all' fits the demo budget
+STUDY_EPOCHS = 4          # the authors run 20; the study's default is smaller so 'all' fits the demo budget
 STUDY_BATCH = 64
 
 
