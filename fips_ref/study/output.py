@@ -19,8 +19,9 @@ def load_pyplot():
     return plt
 
 
-def say_no_matplotlib(stream=sys.stderr):
+def say_no_matplotlib(stream=None):
     """Print once per process that PNGs need the 'plots' extra."""
+    stream = stream or sys.stderr
     if not _SAID:
         print("matplotlib is not installed: writing CSV, Markdown and a text table only "
               "(pip install -e \".[plots]\" for PNGs)", file=stream)

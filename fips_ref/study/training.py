@@ -314,9 +314,11 @@ def measure_calibration(ctx, opts, log):
 
 def summary_calibration(rows):
     s = sorted((r["train_samples"], r["heldout_rel_error"]) for r in rows if r["sweep"] == "samples")
+    low = [r for r in rows if r["achieved_sparsity"] < r["sparsity"] - 0.02]
     e = sorted((r["epochs"], r["heldout_rel_error"]) for r in rows if r["sweep"] == "epochs")
     return ("Held-out error by training samples: " + ", ".join(f"{a}: {b:.3g}" for a, b in s) +
-            "; by epochs: " + ", ".join(f"{a}: {b:.3g}" for a, b in e) + ".")
+            "; by epochs: " + ", ".join(f"{a}: {b:.3g}" for a, b in e) +
+            (f" ({len(low)} run(s) too short to reach the target sparsity)" if low else "") + ".")
 
 
 def plot_calibration(rows, plt):
@@ -334,4 +336,4 @@ CALIBRATION = Study(
     "The local stage needs little calibration data: the error falls with more images and epochs but "
     "flattens early, so a few thousand ImageNet images and 20 epochs suffice.",
     measure_calibration, summary_calibration, plot_calibration,
-    ("sweep", "train_samples", "epochs", "heldout_rel_error", "top1"))
+    ("sweep", "train_samples", "epochs", "achieved_sparsity", "heldout_rel_error", "top1"))
