@@ -97,7 +97,8 @@ def plot_group_size(rows, plt):
 GROUP_SIZE = Study(
     "group-size", "§2.3, Fig. 3b-c",
     "Sharing one basis among more blocks buys a larger rank at the same budget (more so with a sparse "
-    "V), and the error after the local stage falls up to groups of about 4 blocks for DeiT-B.",
+    "V), and the error after the local stage improves with larger groups; the paper settles on groups "
+    "of 4 blocks for DeiT-B.",
     measure_group_size, summary_group_size, plot_group_size,
     ("kind", "group_size", "sparsity", "rank", "heldout_rel_error", "top1"))
 
@@ -154,8 +155,8 @@ def summary_sparsity(rows):
 
 SPARSITY = Study(
     "sparsity", "§5, Fig. 5b",
-    "At a fixed 17.5% budget, trading rank for sparsity helps up to a high sparsity of V (the best "
-    "points lie around 75-90%) before the error rises again at the most extreme sparsity.",
+    "At a fixed 17.5% budget, trading rank for sparsity (a sparser V with a larger rank) lowers the "
+    "error over much of the 50-96% range; the final recipe uses 75% sparsity.",
     measure_sparsity, summary_sparsity,
     lambda rows, plt: line_plot(rows, plt, "sparsity", None, "budget 0.175", "target sparsity of V"),
     ("sparsity", "ranks", "achieved_sparsity", "heldout_rel_error", "top1"))
@@ -194,8 +195,8 @@ def plot_bars(rows, plt, label_key, title):
 
 ABLATIONS_STUDY = Study(
     "ablations", "§5, Fig. 5a",
-    "SVD initialisation beats random (He) initialisation, global pruning beats uniform per-layer "
-    "pruning, and extra scaling vectors add little.",
+    "SVD initialisation beats random (He) initialisation and global pruning beats uniform per-layer "
+    "pruning; scaling vectors are not part of the final recipe.",
     measure_ablations, summary_ablations, lambda rows, plt: plot_bars(rows, plt, "ablation", "ablations"),
     ("ablation", "global_pruning", "heldout_rel_error", "top1"))
 
@@ -289,8 +290,8 @@ def plot_density(rows, plt):
 
 DENSITY = Study(
     "density", "§5, Fig. 6a-b",
-    "With global pruning GMP leaves clearly different densities in different layers, and the density "
-    "a block receives correlates with its reconstruction error: harder blocks keep more weights.",
+    "With global pruning GMP leaves different densities in different layers, and the density a "
+    "block receives is related to how hard the block is to reconstruct.",
     measure_density, summary_density, plot_density, ("block", "layer", "density", "block_heldout_rel_error"))
 
 
@@ -335,7 +336,7 @@ def plot_calibration(rows, plt):
 
 CALIBRATION = Study(
     "calibration", "§5",
-    "The local stage needs little calibration data: the error falls with more images and epochs but "
-    "flattens early, so a few thousand ImageNet images and 20 epochs suffice.",
+    "The local stage needs little calibration data: the paper calibrates on a few thousand ImageNet "
+    "images for 20 epochs, with diminishing returns from more images or epochs.",
     measure_calibration, summary_calibration, plot_calibration,
     ("sweep", "train_samples", "epochs", "achieved_sparsity", "heldout_rel_error", "top1"))
