@@ -118,6 +118,11 @@ def is_code_string(text, m):
     return before in ("'", '"') and after == before
 
 
+def is_placeholder(name):
+    """A name in capitals (NAME.md, DIR/NAME.md) stands for a file the user's run writes."""
+    return all(part.isupper() for part in name[:-3].split("/"))
+
+
 def check_documents(text, path, root=ROOT):
     """(a) Document names resolve to files of the repository; nothing names the private spec."""
     problems = []
@@ -127,6 +132,8 @@ def check_documents(text, path, root=ROOT):
                         f"repository ({m.group(0)!r}); cite docs/authors-code.md §N or the paper")
     for m in DOC_NAME.finditer(text):
         if str(path).endswith(".py") and is_code_string(text, m):
+            continue
+        if is_placeholder(m.group(1)):
             continue
         if resolve_doc(m.group(1), path, root) is None:
             problems.append(f"{rel(path)}:{line_of(text, m.start())}: cites {m.group(1)}, "
