@@ -40,11 +40,11 @@ def build_parser():
     p.add_argument("checkpoint", nargs="?", help="input .npz (default: the bundled demo, weights/vit_digits.npz)")
     io = p.add_argument_group("files")
     io.add_argument("--out", help="compressed .npz (default: beside the input, NAME.fips.npz)")
-    io.add_argument("--report", help="write a JSON report here")
+    io.add_argument("--report", help="write a JSON report here (fields: docs/report.md)")
     src = io.add_mutually_exclusive_group()
     src.add_argument("--calib-acts", help="recorded MLP inputs, keys mlp_in.{i}, [M, D] or [N, T, D]")
     src.add_argument("--calib", help="folder of calibration images, recorded through the model's forward")
-    io.add_argument("--calib-images", type=POSITIVE_INT, help="use at most this many calibration images")
+    io.add_argument("--calib-images", type=POSITIVE_INT, help="use at most this many calibration images, a seeded subset (authors: 3840, docs/authors-code.md §4.1)")
     io.add_argument("--calib-augment", action="store_true",
                     help="authors' training augmentation for calibration images (docs/authors-code.md §4.1)")
     io.add_argument("--skip-bad-images", action="store_true",
@@ -59,10 +59,10 @@ def build_parser():
     io.add_argument("--eval-data", help="images+labels .npz or labelled folder: accuracy before/after")
     a = p.add_argument_group("FiPS (paper §3; docs/authors-code.md §1-§3)")
     a.add_argument("--budget", type=ranged(0, 1, lo_open=True), default=d.budget,
-                   help="fraction of MLP weights kept (U + nnz V)")
-    a.add_argument("--sparsity", type=ranged(0, 1, hi_open=True), default=d.sparsity, help="target sparsity of V")
+                   help="fraction of MLP weights kept (U + nnz V); paper §3, rank formula docs/authors-code.md §2")
+    a.add_argument("--sparsity", type=ranged(0, 1, hi_open=True), default=d.sparsity, help="target sparsity of V (authors' configs: 0.75, docs/authors-code.md §2, §5)")
     a.add_argument("--sparsifier", choices=SPARSIFIERS, default=d.sparsifier,
-                   help="gmp is the paper's final recipe (§4.3)")
+                   help="static, gmp, rigl: docs/authors-code.md §5.2, §5.3, §5.5; gmp is the paper's final recipe (§4)")
     a.add_argument("--group-size", type=POSITIVE_INT,
                    help="blocks per group, inside each stage (default: 4 where it divides every "
                         "stage, as DeiT-B's paper groups; otherwise the paper's groups)")
@@ -71,29 +71,29 @@ def build_parser():
                                     "e.g. 0-3,4-7,8-11 (overrides --group-size)")
     a.add_argument("--concat", choices=STRATEGIES, default=d.strategy,
                    help="long: basis on the model width (authors' concat_axis 1); short: on the hidden width")
-    a.add_argument("--tau", type=ranged(0, 1e9, lo_open=True), default=d.tau, help="growth divisor τ (code: 32)")
+    a.add_argument("--tau", type=ranged(0, 1e9, lo_open=True), default=d.tau, help="growth divisor τ when the rank exceeds the width (authors' code: 32, docs/authors-code.md §3, docs/differences.md D4)")
     a.add_argument("--round-to", type=ranged(0, 10**6, kind=int), default=d.round_to,
-                   help="round the rank down to a multiple (authors' LLM structured_sparsity: 64; 0 = off)")
+                   help="round the rank down to a multiple (authors' LLM structured_sparsity: 64; vision configs: off = 0, docs/authors-code.md §2, B1)")
     a.add_argument("--variant", choices=("authors", "paper"), default=d.variant,
-                   help="paper: cubic denominator t_end-t_accel, zero-initialised regrowth, 25%% initial GMP")
+                   help="paper: cubic denominator t_end-t_accel, zero-initialised regrowth, 25%% initial GMP (docs/differences.md)")
     a.add_argument("--loss", choices=LOSSES, default=d.loss,
                    help="mlp: error of each block's MLP output (authors' code, docs/authors-code.md "
                         "§4.3); fc: paper Eq. (1), each fc layer on its own original input")
     g = a.add_mutually_exclusive_group()
     g.add_argument("--global-pruning", dest="global_pruning", action="store_true", default=True,
-                   help="one magnitude threshold over every V (every vision config)")
+                   help="one magnitude threshold over every V (every vision config, docs/authors-code.md §5.4)")
     g.add_argument("--uniform-pruning", dest="global_pruning", action="store_false",
                    help="per-layer threshold (the paper's 'local pruning')")
     t = p.add_argument_group("optimisation (docs/authors-code.md §4.4, §5)")
-    t.add_argument("--epochs", type=POSITIVE_INT, default=d.epochs, help="authors: 20")
-    t.add_argument("--batch-size", type=POSITIVE_INT, default=d.batch_size, help="samples per step (authors: 128)")
+    t.add_argument("--epochs", type=POSITIVE_INT, default=d.epochs, help="passes over the calibration set (authors: 20, docs/authors-code.md §4.1)")
+    t.add_argument("--batch-size", type=POSITIVE_INT, default=d.batch_size, help="samples per step (authors: 128, docs/authors-code.md §4.1)")
     t.add_argument("--lr", type=ranged(0, 10, lo_open=True), default=d.lr,
                    help="AdamW lr; the authors' DeiT value is unpublished, see docs/options.md")
     t.add_argument("--eta-min", type=ranged(0, 10), default=d.eta_min, help="cosine floor (swin_large_config.yaml)")
-    t.add_argument("--weight-decay", type=ranged(0, 10), default=d.weight_decay, help="configs: 0.05")
-    t.add_argument("--beta1", type=ranged(0, 1, hi_open=True), default=d.beta1, help="configs: 0.9")
-    t.add_argument("--beta2", type=ranged(0, 1, hi_open=True), default=d.beta2, help="configs: 0.999")
-    t.add_argument("--eps", type=ranged(0, 1, lo_open=True), default=d.eps, help="configs: 9.999e-9")
+    t.add_argument("--weight-decay", type=ranged(0, 10), default=d.weight_decay, help="AdamW decoupled weight decay (configs: 0.05, docs/authors-code.md §4.4)")
+    t.add_argument("--beta1", type=ranged(0, 1, hi_open=True), default=d.beta1, help="AdamW β1 (configs: 0.9, docs/authors-code.md §4.4)")
+    t.add_argument("--beta2", type=ranged(0, 1, hi_open=True), default=d.beta2, help="AdamW β2 (configs: 0.999, docs/authors-code.md §4.4)")
+    t.add_argument("--eps", type=ranged(0, 1, lo_open=True), default=d.eps, help="AdamW ε (configs: 9.999e-9, docs/authors-code.md §4.4)")
     t.add_argument("--gmp-initial", type=ranged(0, 1, hi_open=True),
                    help="GMP start sparsity (default: 0.05 configs; 0.25 with --variant paper)")
     t.add_argument("--gmp-accelerated", type=ranged(0, 1, hi_open=True), default=d.gmp_accelerated,
@@ -104,8 +104,8 @@ def build_parser():
                    help="sparsity schedule ends at this fraction of the run (configs: 0.75)")
     t.add_argument("--delta-t", type=POSITIVE_INT, help="steps between mask updates (default: 50, configs; runs under 600 steps: ⌊run·50/600⌋)")
     t.add_argument("--rigl-drop-fraction", type=ranged(0, 1), default=d.rigl_drop_fraction,
-                   help="RigL q (swin_large_config.yaml: 0.1)")
-    t.add_argument("--seed", type=ranged(0, 2**63 - 1, kind=int), default=d.seed, help="batch order and synthesis")
+                   help="RigL q (swin_large_config.yaml: 0.1, docs/authors-code.md §5.5)")
+    t.add_argument("--seed", type=ranged(0, 2**63 - 1, kind=int), default=d.seed, help="batch order and synthesis; same seed, same result on the same backend (docs/options.md)")
     t.add_argument("--init", choices=("svd", "whitened"), default=d.init,
                    help="whitened: activation-aware init from calibration moments (docs/closed-form.md; not the authors')")
     t.add_argument("--solver", choices=("adam", "als", "als+adam"), default=d.solver,
@@ -331,7 +331,7 @@ def evaluate_before_after(args, ckpt, out, evaluation, xp, dtype, log):
     return acc
 
 
-def summary(report):
+def summary(report, report_path=None):
     """Lines printed on stdout at the end of a run."""
     p, s = report["params"], report["storage"]
     errs = [b["rel_error_final"] for b in report["blocks"]]
@@ -352,6 +352,8 @@ def summary(report):
     if report.get("accuracy"):
         a = report["accuracy"]
         lines.append(f"top-1 accuracy: {a['top1_before']:.4f} before, {a['top1_after']:.4f} after")
+    if report_path:
+        lines.append(f"report: {report_path}; plot it with: python -m fips_ref.plot {report_path}")
     return lines
 
 
@@ -365,7 +367,7 @@ def main(argv=None):
         # a diverging run is reported once, by the loss check; all outputs or none (docs/robustness.md)
         with np.errstate(all="ignore"), all_or_nothing():
             report = run(args, log)
-        print("\n".join(summary(report)))
+        print("\n".join(summary(report, args.report)))
         return 0
     return run_cli(body)
 
