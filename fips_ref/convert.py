@@ -267,7 +267,7 @@ def build_parser():
     """The argparse parser of ``python -m fips_ref.convert``."""
     p = OneLineParser(
         prog="python -m fips_ref.convert",
-        description="timm .safetensors/.pth -> checkpoint .npz, or .npz -> .safetensors. "
+        description="timm .safetensors/.pth -> checkpoint .npz (docs/checkpoint-format.md), or .npz -> .safetensors (docs/evaluate-and-convert.md). "
                     "Example: python -m fips_ref.convert model.safetensors deit_b.npz "
                     "--timm-name deit_base_patch16_224")
     p.add_argument("input",

@@ -21,7 +21,7 @@ def decompress(src, dst):
 
 
 def main(argv=None):
-    p = OneLineParser(prog="python -m fips_ref.decompress", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m fips_ref.decompress", description=__doc__.splitlines()[0] + " (file format: docs/compressed-format.md)")
     p.add_argument("compressed", help="a .npz written by python -m fips_ref.compress")
     p.add_argument("dense", help="output .npz with dense fc weights under timm keys")
     args, code = parse(p, argv)

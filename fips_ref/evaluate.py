@@ -197,14 +197,16 @@ def build_parser():
                         "'images' [N, C, H, W] (normalised) and optional 'labels' [N]")
     p.add_argument("--reference",
                    help="original checkpoint: adds agreement and mean KL(ref || model)")
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=64)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=64,
+                   help="images per forward (default: 64, the project's choice; memory is checked first, docs/robustness.md)")
     p.add_argument("--json", help="write the results here (atomic)")
     p.add_argument("--class-map", help="class name -> index: JSON, or text with one class per line")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="skip images Pillow cannot read (warning on stderr) instead of failing")
     p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="array backend (default: $FIPS_REF_BACKEND or numpy)")
-    p.add_argument("--dtype", choices=("float32", "float64"), default=None)
+    p.add_argument("--dtype", choices=("float32", "float64"), default=None,
+                   help="compute precision (default: float32; metrics: docs/evaluate-and-convert.md)")
     p.add_argument("--img-size", type=POSITIVE_INT, default=None,
                    help="square input side for image folders (default: config img_size; the model must accept it)")
     p.add_argument("--crop-pct", type=ranged(0, 1, lo_open=True), default=None,
