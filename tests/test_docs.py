@@ -298,7 +298,7 @@ def test_tour_covers_every_module_and_page():
 @pytest.mark.parametrize("text, path, found", [
     ("see docs/nowhere.md for details", "fips_ref/x.py", "docs/nowhere.md"),
     (f"({SPEC} §4.3)", "fips_ref/x.py", SPEC),
-    ("from " + ".." + "/shared/docs/style.md", "docs/x.md", ".." + "/shared"),
+    ("from " + ".." + "/shared" + "/docs/style.md", "docs/x.md", ".." + "/shared"),
     ("the spec's table", "weights/README.md", "the spec"),
     ("as in spec §5.3", "docs/x.md", "spec §"),
     ("format of checkpoint-format.md", "tests/test_x.py", "checkpoint-format.md"),  # not beside tests/
