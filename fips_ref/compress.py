@@ -263,15 +263,20 @@ def build_report(args, cfg, ckpt, blocks, result, arrays, calib, out_path, xp, s
 
 
 # ----------------------------------------------------------------------------- main
+def demo_defaults(args):
+    """The checkpoint to read; with none given, the bundled demo with its calibration and test data."""
+    if args.checkpoint is None:
+        if not (args.calib_acts or args.calib):
+            args.calib_acts = str(DEMO_ACTS)
+        if args.eval_data is None:
+            args.eval_data = str(DEMO_TEST)
+    return str(args.checkpoint or DEMO_CKPT)
+
+
 def run(args, log):
     """The whole job; returns the report dict. Raises InputError / BackendError on bad input."""
     t0 = time.perf_counter()
-    demo = args.checkpoint is None
-    source = str(args.checkpoint or DEMO_CKPT)
-    if demo and not (args.calib_acts or args.calib):
-        args.calib_acts = str(DEMO_ACTS)
-    if demo and args.eval_data is None:
-        args.eval_data = str(DEMO_TEST)
+    source = demo_defaults(args)
     args.out = args.out or str(Path(source).with_suffix("")) + ".fips.npz"
     check_paths([("CHECKPOINT", source), ("--calib-acts", args.calib_acts), ("--calib", args.calib),
                  ("--eval-data", args.eval_data)],

@@ -16,9 +16,8 @@ import numpy as np
 
 from ..backend import BackendError, load_backend
 from ..checkpoint import InputError, error_line, find_mlp_blocks, load_checkpoint
-# shared CLI plumbing; moves to fips_ref/cli.py (another change), import from compress until then
-from ..compress import (DEMO_ACTS, DEMO_CKPT, DEMO_TEST, OneLineParser, POSITIVE_INT, calibration,
-                        ranged)
+from ..cli import POSITIVE_INT, OneLineParser, ranged
+from ..compress import DEMO_CKPT, calibration, demo_defaults
 from ..local_stage import FiPSConfig
 from . import STUDIES
 from .context import Context, split_calibration
@@ -65,12 +64,7 @@ def build_parser():
 
 def load_context(args, log):
     """Checkpoint, calibration split and evaluation data (the demo's when no checkpoint is given)."""
-    demo = args.checkpoint is None
-    ckpt = load_checkpoint(args.checkpoint or DEMO_CKPT)
-    if demo and not (args.calib_acts or args.calib):
-        args.calib_acts = str(DEMO_ACTS)
-    if demo and args.eval_data is None:
-        args.eval_data = str(DEMO_TEST)
+    ckpt = load_checkpoint(demo_defaults(args))
     blocks = find_mlp_blocks(ckpt)
     xp = load_backend(args.backend)
     dtype = np.dtype(args.dtype).type
