@@ -121,16 +121,9 @@ def build_parser():
 
 
 def fips_config(args):
-    """FiPSConfig from parsed flags."""
-    return FiPSConfig(
-        budget=args.budget, sparsity=args.sparsity, sparsifier=args.sparsifier, strategy=args.concat,
-        tau=args.tau, round_to=args.round_to, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        eta_min=args.eta_min, weight_decay=args.weight_decay, beta1=args.beta1, beta2=args.beta2,
-        eps=args.eps, gmp_initial=args.gmp_initial, gmp_accelerated=args.gmp_accelerated,
-        t_accel=args.t_accel, t_end_coeff=args.t_end_coeff, delta_t=args.delta_t,
-        rigl_drop_fraction=args.rigl_drop_fraction, global_pruning=args.global_pruning,
-        variant=args.variant, loss=args.loss, seed=args.seed,
-        init=args.init, solver=args.solver, als_rounds=args.als_rounds)
+    """FiPSConfig from parsed flags: every field from the flag of the same name (--concat sets strategy)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(FiPSConfig) if hasattr(args, f.name)}
+    return FiPSConfig(**values, strategy=args.concat)
 
 
 # ----------------------------------------------------------------------------- calibration

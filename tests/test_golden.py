@@ -19,7 +19,7 @@ from fips_ref.adamw import cosine_lr
 from fips_ref.backend import to_numpy
 from fips_ref.budget import sparse_rank
 from fips_ref.checkpoint import MLPBlock, block_prefixes
-from fips_ref.local_stage import (FiPSConfig, Schedule, _rigl_gradients, run_local_stage,
+from fips_ref.local_stage import (FiPSConfig, Schedule, rigl_gradients, run_local_stage,
                                   sparsifier_masks, sparsifier_step)
 from fips_ref.sharing import build_groups, svd_init
 from fips_ref.sparsity import cubic_sparsity, initial_masks, rigl_drop_fraction, rigl_update
@@ -229,7 +229,7 @@ def test_rigl_dense_gradient_timeline_matches_authors():
     masks, rigl_sum, used = {"v": np.ones(last + 1, bool)}, {}, {}
     for step in range(1, last + 1):
         grads = {"v": np.eye(last + 1)[step]}               # step k's gradient marks entry k
-        dense = _rigl_gradients(cfg, sched, step, grads, masks, rigl_sum)
+        dense = rigl_gradients(cfg, sched, step, grads, masks, rigl_sum)
         if step % dt == 0:
             used[step] = np.flatnonzero(dense["v"]).tolist()
     for r in t["result"]:

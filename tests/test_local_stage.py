@@ -13,7 +13,7 @@ from fips_ref.adamw import adamw_init, adamw_step, cosine_lr
 from fips_ref.backend import to_numpy
 from fips_ref.budget import sparse_rank
 from fips_ref.checkpoint import InputError, MLPBlock
-from fips_ref.local_stage import (FiPSConfig, Schedule, _rigl_gradients, cached_targets, dense_weights,
+from fips_ref.local_stage import (FiPSConfig, Schedule, rigl_gradients, cached_targets, dense_weights,
                                   epoch_batches, gather, init_factors, loss_and_grads,
                                   reference_outputs, relative_errors, resolve_schedule, run_local_stage,
                                   sparsifier_masks, sparsifier_step)
@@ -255,19 +255,19 @@ def test_rigl_keeps_count_and_updates(glob):
 
 
 # ----------------------------------------------------------------------------- RigL gradients
-def test_rigl_gradients_accumulate_until_first_update():
+def testrigl_gradients_accumulate_until_first_update():
     cfg = FiPSConfig(sparsifier="rigl")
     sched = Schedule(total_steps=20, t_end=15, t_accel=0, delta_t=3, gmp_initial=0.05)
     masks = {"a.V": np.ones((2, 3), bool)}
     rng = np.random.default_rng(7)
     gs = [{"a.V": rng.standard_normal((2, 3)), "a.bias": rng.standard_normal(3)} for _ in range(5)]
     acc = {}
-    out = [_rigl_gradients(cfg, sched, k, gs[k - 1], masks, acc) for k in range(1, 6)]
+    out = [rigl_gradients(cfg, sched, k, gs[k - 1], masks, acc) for k in range(1, 6)]
     assert set(out[2]) == {"a.V"}
     assert np.allclose(out[2]["a.V"], gs[0]["a.V"] + gs[1]["a.V"] + gs[2]["a.V"], rtol=1e-15)
     assert np.array_equal(out[3]["a.V"], gs[3]["a.V"]) and np.array_equal(out[4]["a.V"], gs[4]["a.V"])
     assert not np.shares_memory(out[2]["a.V"], gs[0]["a.V"])         # the sum owns its buffer
-    assert _rigl_gradients(replace(cfg, sparsifier="gmp"), sched, 1, gs[0], masks, {}) is None
+    assert rigl_gradients(replace(cfg, sparsifier="gmp"), sched, 1, gs[0], masks, {}) is None
 
 
 def _manual_rigl(weights, blocks, acts, cfg, order, grads_for_update):
