@@ -22,7 +22,8 @@ from .cli import POSITIVE_INT, HelpFormatter, OneLineParser, check_paths, parse,
 from .codec import encode, live_rank_columns
 from .outputs import all_or_nothing
 from .local_stage import LOSSES, FiPSConfig, config_dict, plan_groups, run_local_stage
-from .sharing import STRATEGIES, check_groups, choose_groups
+from .ablations import GROWTHS, INITS
+from .sharing import STRATEGIES, STRATEGY_ALIASES, check_groups, choose_groups, strategy_name
 from .sparsity import SPARSIFIERS, density, describe
 from .validate import check_steps
 
@@ -69,8 +70,20 @@ def build_parser():
     a.add_argument("--groups", help="'paper' (ViT: groups of 4; Swin: per stage, stages over 6 "
                                     "blocks in groups of 6; docs/options.md) or explicit groups, "
                                     "e.g. 0-3,4-7,8-11 (overrides --group-size)")
-    a.add_argument("--concat", choices=STRATEGIES, default=d.strategy,
-                   help="long: basis on the model width (authors' concat_axis 1); short: on the hidden width")
+    a.add_argument("--concat", choices=STRATEGIES + tuple(STRATEGY_ALIASES), default=d.strategy,
+                   help="how a group's layers form C (paper §2.2, Fig. 2c, App. A.1; docs/algorithm.md): "
+                        "long = I, one basis on the model width (authors' concat_axis 1); short = IV, "
+                        "on the hidden width; by-type = II, a basis per layer type and a V per block; "
+                        "by-block = III, a basis per block and a V per layer type (the numerals are "
+                        "accepted too)")
+    a.add_argument("--growth", choices=GROWTHS, default=d.growth,
+                   help="rank units past min(rows, cols) of C (paper §5 'random growth', 'neuron "
+                        "splitting'): hybrid = the authors' zero U columns and V rows / τ "
+                        "(docs/authors-code.md §3); random = He-initialised V rows; split = Net2Net "
+                        "splitting of the largest units (docs/options.md)")
+    a.add_argument("--scaling-vectors", dest="scaling_vectors", action="store_true",
+                   help="paper §5 ablation, DoRA-style: SVD of C with unit-norm columns, a trained "
+                        "magnitude per column, folded into V at export (authors: off; docs/options.md)")
     a.add_argument("--tau", type=ranged(0, 1e9, lo_open=True), default=d.tau, help="growth divisor τ when the rank exceeds the width (authors' code: 32, docs/authors-code.md §3, docs/differences.md D4)")
     a.add_argument("--round-to", type=ranged(0, 10**6, kind=int), default=d.round_to,
                    help="round the rank down to a multiple (authors' LLM structured_sparsity: 64; vision configs: off = 0, docs/authors-code.md §2, B1)")
@@ -106,8 +119,10 @@ def build_parser():
     t.add_argument("--rigl-drop-fraction", type=ranged(0, 1), default=d.rigl_drop_fraction,
                    help="RigL q (swin_large_config.yaml: 0.1, docs/authors-code.md §5.5)")
     t.add_argument("--seed", type=ranged(0, 2**63 - 1, kind=int), default=d.seed, help="batch order and synthesis; same seed, same result on the same backend (docs/options.md)")
-    t.add_argument("--init", choices=("svd", "whitened"), default=d.init,
-                   help="whitened: activation-aware init from calibration moments (docs/closed-form.md; not the authors')")
+    t.add_argument("--init", choices=INITS, default=d.init,
+                   help="svd: truncated SVD of C (authors, paper §3); random: He initialisation of U "
+                        "and V (paper §5 ablation, docs/options.md); whitened: activation-aware init "
+                        "from calibration moments (docs/closed-form.md; not the authors')")
     t.add_argument("--solver", choices=("adam", "als", "als+adam"), default=d.solver,
                    help="als: closed-form alternating solves on Eq. (1) to the exact budget (docs/closed-form.md)")
     t.add_argument("--als-rounds", type=POSITIVE_INT, default=d.als_rounds, help="pruning rounds of --solver als")
@@ -123,7 +138,7 @@ def build_parser():
 def fips_config(args):
     """FiPSConfig from parsed flags: every field from the flag of the same name (--concat sets strategy)."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(FiPSConfig) if hasattr(args, f.name)}
-    return FiPSConfig(**values, strategy=args.concat)
+    return FiPSConfig(**values, strategy=strategy_name(args.concat))
 
 
 # ----------------------------------------------------------------------------- calibration

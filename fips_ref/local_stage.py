@@ -25,7 +25,9 @@ from .backend import get_xp
 from .checkpoint import InputError
 from .losses import FCTarget, block_loss_and_grads, fc_loss_and_grads, fc_target  # noqa: F401
 from .mlp import dense_mlp, lowrank_mlp
-from .sharing import build_groups, concat_group, layer_factors, split_v, svd_init
+from .ablations import (check_ablation_options, expand_grid, fold_scaling, grow, he_init, m_key,
+                        normalise_columns, scaled_v, scaling_grads)
+from .sharing import GRID_STRATEGIES, build_groups, concat_group, layer_factors, split_v, svd_init, v_keys, v_param
 from .sparsifiers import (Schedule, check_gmp_levels, resolve_schedule, rigl_gradients,  # noqa: F401
                           sparsifier_masks, sparsifier_step)
 from .sparsity import SPARSIFIERS, density
@@ -39,7 +41,7 @@ class FiPSConfig:
     budget: float = 0.5
     sparsity: float = 0.75
     sparsifier: str = "gmp"            # dense | static | gmp | rigl
-    strategy: str = "long"             # long (authors) | short
+    strategy: str = "long"             # long (authors) | short | by-type (II) | by-block (III)
     tau: float = 32.0
     round_to: int = 0                  # 0: no rounding of the rank (vision configs)
     epochs: int = 20
@@ -60,10 +62,10 @@ class FiPSConfig:
     variant: str = "authors"           # authors | paper
     loss: str = "mlp"                  # mlp (authors' code) | fc (paper Eq. 1); docs/differences.md D1
     seed: int = 0
-    init: str = "svd"                  # svd (authors) | whitened (docs/closed-form.md §6)
+    init: str = "svd"                  # svd (authors) | random (paper §5) | whitened (docs/closed-form.md §6)
     solver: str = "adam"               # adam (authors) | als | als+adam (docs/closed-form.md §5)
     als_rounds: int = 10               # pruning rounds of --solver als (not the authors')
-    # issue 9 (paper §5 ablations, not yet wired): DoRA-style magnitudes; rank growth beyond the width
+    # paper §5 ablations (fips_ref/ablations.py): DoRA-style magnitudes; rank growth beyond the width
     scaling_vectors: bool = False      # paper §5 "scaling vectors"; authors: off
     growth: str = "hybrid"             # hybrid (authors' code) | random | split (paper §5)
     # issue 11 (docs/deployment.md, not yet wired): structured sparsifiers on V
@@ -93,14 +95,31 @@ def plan_groups(cfg, blocks, groups):
                         strategy=cfg.strategy, round_to=cfg.round_to or None)
 
 
-def init_factors(weights, groups, *, xp, dtype, tau):
-    """SVD-initialised U per group, V slices and biases per layer (paper §3 "Shared initialisation")."""
+def init_factors(weights, groups, *, xp, dtype, tau, init="svd", growth="hybrid", scaling_vectors=False,
+                 seed=0):
+    """U per group, V slices, biases per layer (paper §3 "Shared initialisation"; §5 ablations: ablations.py).
+
+    ``init`` 'svd' (the authors') or 'random' (He); ``growth`` for ranks past min(rows, cols);
+    ``scaling_vectors``: the SVD of C's column-normalised C_n and a magnitude 'm' per V slice.
+    """
     params = {}
+    rng = np.random.default_rng(seed)
     for g in groups:
-        U, V = svd_init(concat_group(weights, g), g.rank, tau)    # [rows, R], [R, 2n·cols]
+        C = concat_group(weights, g)                                  # [rows, k·cols]
+        m = None
+        if scaling_vectors:
+            C, m = normalise_columns(C)                               # C = C_n diag(m)
+        if init == "random":
+            U, V = he_init(C.shape[0], C.shape[1], g.rank, rng)
+        else:
+            U, V = svd_init(C, min(g.rank, min(C.shape)), tau)        # [rows, q'], [q', k·cols]
+            U, V = grow(U, V, g.rank, growth, tau, rng)               # [rows, R], [R, k·cols]
         params[f"U.{g.index}"] = xp.asarray(U, dtype=dtype)
-        for layer, v in zip(g.layers, split_v(V, g)):
-            params[f"{layer.key}.V"] = xp.asarray(v, dtype=dtype)
+        for j, (vk, v) in enumerate(zip(v_keys(g), split_v(V, g))):
+            params[vk] = xp.asarray(v, dtype=dtype)
+            if m is not None:
+                params[m_key(vk)] = xp.asarray(m[j * g.cols:(j + 1) * g.cols], dtype=dtype)
+        for layer in g.layers:
             # a copy: AdamW updates params in place, and the caller's bias is also the target's
             params[f"{layer.key}.bias"] = xp.array(weights[f"{layer.key}.bias"], dtype=dtype)
     return params
@@ -120,13 +139,14 @@ def dense_weights(weights, blocks, *, xp, dtype):
 
 # ----------------------------------------------------------------------------- loss and gradient
 def compressed_layers(params, masks, group, block):
-    """((A1, B1, b1), (A2, B2, b2)) of a block's fc1 and fc2, masks applied (W = A @ B)."""
+    """((A1, B1, b1), (A2, B2, b2)) of a block's fc1 and fc2, masks and magnitudes applied (W = A @ B)."""
     U = params[f"U.{group.index}"]
     out = []
     for layer in (l for l in group.layers if l.block == block):
-        V = params[f"{layer.key}.V"]
-        mask = masks.get(f"{layer.key}.V")
-        V = V if mask is None else V * mask                      # V ⊙ M
+        vk = v_param(layer)
+        mask = masks.get(vk)
+        V = params[vk] if mask is None else params[vk] * mask     # V ⊙ M
+        V = scaled_v(V, params.get(m_key(vk)))                    # (V ⊙ M) diag(m), scaling vectors
         out.append((*layer_factors(U, V, layer), params[f"{layer.key}.bias"]))
     return out
 
@@ -140,6 +160,8 @@ def loss_and_grads(params, masks, groups, inputs, targets, gammas, loss="mlp"):
     """Σ_b block loss and dense gradients (dV w.r.t. V ⊙ M, not yet masked) of every parameter.
 
     ``loss`` 'mlp': targets[b] is the MLP output [M, D]; 'fc': an FCTarget (paper Eq. 1).
+    A layer reading rows of U (by-type, by-block) adds to those rows; a V shared by several
+    layers, and its magnitudes 'm', sum their gradients.
     """
     xp = get_xp(*params.values())
     total, grads = 0.0, {}
@@ -154,11 +176,22 @@ def loss_and_grads(params, masks, groups, inputs, targets, gammas, loss="mlp"):
             total = total + block_loss
             for layer, (dA, dB, db) in zip((l for l in g.layers if l.block == b), layer_grads):
                 dU_l, dV = factor_grads(dA, dB, layer)
-                dU += dU_l                                       # shared U: Σ over its 2n layers
-                grads[f"{layer.key}.V"] = dV
+                r0, r1 = layer.u_rows or (0, dU.shape[0])
+                dU[r0:r1] += dU_l                                # shared U: Σ over its 2n layers
+                vk = v_param(layer)
+                m = params.get(m_key(vk))
+                if m is not None:
+                    mask = masks.get(vk)
+                    dV, dm = scaling_grads(dV, params[vk] if mask is None else params[vk] * mask, m)
+                    _accumulate(grads, m_key(vk), dm)
+                _accumulate(grads, vk, dV)
                 grads[f"{layer.key}.bias"] = db
         grads[f"U.{g.index}"] = dU
     return total, grads
+
+
+def _accumulate(grads, key, g):  # grads[key] += g, creating it
+    grads[key] = g if key not in grads else grads[key] + g
 
 
 # ----------------------------------------------------------------------------- batches
@@ -301,10 +334,12 @@ def run_local_stage(weights, acts, groups, cfg=FiPSConfig(), *, blocks, batch_or
                          "so no step would be taken")
     sched = resolve_schedule(cfg, sum(len(e) for e in order))
     check_gmp_levels(cfg, sched)
+    check_ablation_options(cfg)
     plan = plan_groups(cfg, blocks, groups)
-    params = init_factors(weights, plan, xp=xp, dtype=dtype, tau=cfg.tau)
+    params = init_factors(weights, plan, xp=xp, dtype=dtype, tau=cfg.tau, init=cfg.init, growth=cfg.growth,
+                          scaling_vectors=cfg.scaling_vectors, seed=cfg.seed)
     masks = sparsifier_masks(cfg, sched, {k: v for k, v in params.items() if k.endswith(".V")})
-    closed_form = cfg.init != "svd" or cfg.solver != "adam"       # issue-10 options, off by default
+    closed_form = cfg.init == "whitened" or cfg.solver != "adam"  # issue-10 options, off by default
     if closed_form:
         from .als import closed_form_start
         params, masks, order = closed_form_start(cfg, sched, plan, weights, acts, blocks, params, masks,
@@ -356,6 +391,8 @@ def run_local_stage(weights, acts, groups, cfg=FiPSConfig(), *, blocks, batch_or
     if errors:
         result.error_final = relative_errors(params, state.masks, plan, dense, acts, xp=xp,
                                              dtype=dtype, targets=cached)
+    if cfg.scaling_vectors or cfg.strategy in GRID_STRATEGIES:   # the form the file stores (ablations.py)
+        result.groups, result.params, result.masks = expand_grid(plan, fold_scaling(params), state.masks, xp)
     result.seconds = time.perf_counter() - t0
     return result
 

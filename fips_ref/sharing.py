@@ -9,9 +9,19 @@ model-width side; V_j [R, F] is layer j's sparse slice; fc1 = U V_j, fc2 = (U V_
 
 Strategy 'short' shares the basis on the hidden side instead: every layer becomes an [F, D]
 block, C = [W_fc1,b0ᵀ | W_fc2,b0 | …] of shape [F, 2n·D], U [F, R], V_j [R, D]; fc1 = (U V_j)ᵀ,
-fc2 = U V_j. The other two layouts (the transposed blocks stacked along the rows) give Cᵀ and
-C_sᵀ, the same factorisations transposed, so these two are the only distinct strategies
-(docs/algorithm.md "Strategies of concatenation").
+fc2 = U V_j. Stacking the transposed blocks along the rows instead gives Cᵀ and C_sᵀ, the same
+factorisations transposed.
+
+The block-structured strategies II and III (paper App. A.1, Fig. 2c; our reading, docs/algorithm.md
+"Strategies of concatenation") lay the [D, F] blocks out on a grid, so U splits into row blocks
+and a V slice serves every layer in its column:
+- 'by-type' (II): rows are the layer types, columns the blocks. C = [[W_fc1,b0 | W_fc1,b1 | …],
+  [W_fc2,b0ᵀ | W_fc2,b1ᵀ | …]] of shape [2D, n·F]; U = [U_fc1; U_fc2] [2D, R], one V_b [R, F] per
+  block shared by its fc1 and fc2: fc1_b = U_fc1 V_b, fc2_b = (U_fc2 V_b)ᵀ.
+- 'by-block' (III): rows are the blocks, columns the layer types. C = [[W_fc1,b0 | W_fc2,b0ᵀ],
+  [W_fc1,b1 | W_fc2,b1ᵀ], …] of shape [n·D, 2F]; U = [U_b0; U_b1; …] [n·D, R], one V per layer
+  type shared by every block: fc1_b = U_b V_fc1, fc2_b = (U_b V_fc2)ᵀ.
+A Layer says which rows of U it reads (``u_rows``) and which V it reads (``v_key``).
 """
 import re
 from dataclasses import dataclass
@@ -21,7 +31,18 @@ import numpy as np
 from .budget import rank_for_shape, sparse_rank
 from .checkpoint import InputError
 
-STRATEGIES = ("long", "short")
+STRATEGIES = ("long", "short", "by-type", "by-block")
+STRATEGY_ALIASES = {"I": "long", "II": "by-type", "III": "by-block", "IV": "short"}   # paper Fig. 2c
+GRID_STRATEGIES = ("by-type", "by-block")
+
+
+def strategy_name(name):
+    """'long', 'short', 'by-type', 'by-block', or the paper's numeral I-IV for one of them."""
+    name = STRATEGY_ALIASES.get(name, name)
+    if name not in STRATEGIES:
+        raise InputError(f"--concat: unknown strategy {name!r} (choose from "
+                         f"{', '.join(STRATEGIES)} or I-IV)")
+    return name
 
 
 @dataclass(frozen=True)
@@ -30,6 +51,8 @@ class Layer:
     key: str            # e.g. 'blocks.3.mlp.fc1'
     block: int          # global block index
     basis_first: bool   # math weight [in, out] = U @ V (True) or (U @ V)ᵀ (False)
+    u_rows: tuple = None    # (start, stop) rows of U this layer reads; None: all (long, short)
+    v_key: str = None       # name of the V it reads, shared in by-type/by-block; None: its own key
 
 
 @dataclass(frozen=True)
@@ -41,6 +64,7 @@ class Group:
     cols: int
     rank: int
     layers: tuple       # fc1_b0, fc2_b0, fc1_b1, fc2_b1, ... (docs/authors-code.md §1.2)
+    strategy: str = "long"
 
 
 # ----------------------------------------------------------------------------- groups
@@ -134,29 +158,49 @@ def check_groups(groups, blocks):
 
 # ----------------------------------------------------------------------------- plan
 def build_groups(blocks, groups, *, budget, sparsity, strategy="long", round_to=None):
-    """Group descriptors with ranks from the budget (docs/authors-code.md §2)."""
+    """Group descriptors with ranks from the budget (docs/authors-code.md §2; App. A.1 for II/III)."""
+    strategy = strategy_name(strategy)
     by_index = {b.index: b for b in blocks}
     out = []
     for gi, ids in enumerate(groups):
         ids = sorted(ids)
-        d, f = by_index[ids[0]].d, by_index[ids[0]].hidden
+        d, f, n = by_index[ids[0]].d, by_index[ids[0]].hidden, len(ids)
         if strategy == "long":
             rows, cols = d, f
             ratio = f // d if f % d == 0 else f / d
-            rank = sparse_rank(len(ids), d, budget, sparsity, round_to=round_to, mlp_ratio=ratio)
+            rank = sparse_rank(n, d, budget, sparsity, round_to=round_to, mlp_ratio=ratio)
         else:
-            rows, cols = f, d
-            rank = rank_for_shape(f, 2 * len(ids) * d, budget, sparsity)
+            rows, cols, c_shape = {"short": (f, d, (f, 2 * n * d)),
+                                   "by-type": (2 * d, f, (2 * d, n * f)),
+                                   "by-block": (n * d, f, (n * d, 2 * f))}[strategy]
+            rank = rank_for_shape(*c_shape, budget, sparsity)
             rank = round_to * (rank // round_to) if round_to else rank
         if rank < 1:
             raise InputError(f"--budget {budget}: rank of group {gi} would be {rank}; raise the budget")
         layers = []
-        for i in ids:
+        for k, i in enumerate(ids):
             prefix = by_index[i].prefix
-            layers.append(Layer(f"{prefix}.mlp.fc1", i, strategy == "long"))
-            layers.append(Layer(f"{prefix}.mlp.fc2", i, strategy != "long"))
-        out.append(Group(gi, tuple(ids), rows, cols, rank, tuple(layers)))
+            for fc in ("fc1", "fc2"):
+                key = f"{prefix}.mlp.{fc}"
+                if strategy in ("long", "short"):
+                    layers.append(Layer(key, i, (fc == "fc1") == (strategy == "long")))
+                elif strategy == "by-type":     # rows: fc1 | fc2; V per block
+                    t = fc == "fc2"
+                    layers.append(Layer(key, i, fc == "fc1", (t * d, (t + 1) * d), f"{prefix}.mlp"))
+                else:                           # by-block: rows: block k; V per layer type
+                    layers.append(Layer(key, i, fc == "fc1", (k * d, (k + 1) * d), f"group{gi}.{fc}"))
+        out.append(Group(gi, tuple(ids), rows, cols, rank, tuple(layers), strategy))
     return out
+
+
+def v_param(layer):
+    """The parameter key of the V slice a layer reads: '{layer}.V', or its shared V's."""
+    return f"{layer.v_key or layer.key}.V"
+
+
+def v_keys(group):  # -> ['….V', …] in the column order of C
+    """The distinct V slices of a group, in column order (one per layer for long/short)."""
+    return list(dict.fromkeys(v_param(l) for l in group.layers))
 
 
 def layer_block(w_torch, layer):  # PyTorch [out, in] -> the layer's [rows, cols] block of C
@@ -165,14 +209,25 @@ def layer_block(w_torch, layer):  # PyTorch [out, in] -> the layer's [rows, cols
     return w_math if layer.basis_first else w_math.T
 
 
-def concat_group(weights, group):  # -> [rows, 2n·cols]
-    """C of a group (docs/authors-code.md §1.2), float64 on the host; ``weights[key]`` are PyTorch-layout."""
-    return np.concatenate([np.asarray(layer_block(weights[f"{l.key}.weight"], l), np.float64)
-                           for l in group.layers], axis=1)
+def concat_group(weights, group):  # -> [rows, k·cols], k V slices
+    """C of a group (docs/authors-code.md §1.2; grid layouts App. A.1), float64 on the host.
+
+    Layer l's block goes to rows ``u_rows`` and the column block of its V slice; ``weights[key]``
+    are PyTorch-layout. For long and short this is the row [B_0 | B_1 | …] of the 2n blocks.
+    """
+    keys = v_keys(group)
+    C = np.zeros((group.rows, len(keys) * group.cols))
+    for l in group.layers:
+        r0, r1 = l.u_rows or (0, group.rows)
+        j = keys.index(v_param(l))
+        C[r0:r1, j * group.cols:(j + 1) * group.cols] = layer_block(weights[f"{l.key}.weight"], l)
+    return C
 
 
 def layer_factors(U, V, layer):  # U [rows, R], V [R, cols] -> (A [in, R], B [R, out])
-    """The layer's math weight as a product A @ B: (U, V), or (Vᵀ, Uᵀ) for (U V)ᵀ."""
+    """The layer's math weight as a product A @ B: (U_l, V), or (Vᵀ, U_lᵀ) for (U_l V)ᵀ; U_l = U[u_rows]."""
+    if layer.u_rows is not None:
+        U = U[layer.u_rows[0]:layer.u_rows[1]]
     return (U, V) if layer.basis_first else (V.T, U.T)
 
 
@@ -207,7 +262,7 @@ def _canonical_signs(U, Vh):  # flip (U[:, i], Vh[i]) so U's largest-|.| entry p
     return U * signs, Vh * signs[:, None]
 
 
-def split_v(V, group):  # [R, 2n·cols] -> [[R, cols]] * 2n
-    """Per-layer slices V[:, cols·j : cols·(j+1)] as separate contiguous arrays (docs/authors-code.md §1.3)."""
+def split_v(V, group):  # [R, k·cols] -> [[R, cols]] * k
+    """The V slices V[:, cols·j : cols·(j+1)], in v_keys order, as contiguous arrays (docs/authors-code.md §1.3)."""
     return [np.ascontiguousarray(V[:, j * group.cols:(j + 1) * group.cols])
-            for j in range(len(group.layers))]
+            for j in range(len(v_keys(group)))]
