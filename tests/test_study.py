@@ -217,3 +217,49 @@ def test_holdout_leaving_no_training_sample_is_refused(tmp_path, tiny, capsys):
     code = main(["ablations"] + tiny_args(tmp_path, tiny) + ["--holdout", "0.999", "--out", str(tmp_path / "o")] + FAST)
     assert code == 2 and "--holdout" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def planted_grid(kind, D=16, F=64, r=3, seed=0):
+    """by-type: fc1_b = B1 X_b, fc2_bᵀ = B2 X_b (a basis per layer type, a factor per block);
+    by-block: fc1_b = B_b X1, fc2_bᵀ = B_b X2 (a basis per block, a factor per layer type)."""
+    rng = np.random.default_rng(seed)
+    ckpt = make_vit_checkpoint(None, depth=2, embed_dim=D, mlp_ratio=F / D)
+    B1, B2, X1, X2 = (rng.standard_normal(s) for s in ((D, r), (D, r), (r, F), (r, F)))
+    for i in range(2):
+        if kind == "by-type":
+            X = rng.standard_normal((r, F))
+            w1, w2t = B1 @ X, B2 @ X
+        else:
+            B = rng.standard_normal((D, r))
+            w1, w2t = B @ X1, B @ X2
+        ckpt.tensors[f"blocks.{i}.mlp.fc1.weight"] = w1.T                # torch [F, D]
+        ckpt.tensors[f"blocks.{i}.mlp.fc2.weight"] = w2t                 # torch [D, F]
+    return ckpt
+
+
+@pytest.mark.parametrize("kind", ["by-type", "by-block"])
+def test_concat_grid_strategy_wins_on_its_own_structure(kind):
+    """On weights built with the grid's structure, its C [32, 128] has rank 3 while long's C [16, 256]
+    has rank 6: at budget 0.3 (long rank 4, grid rank 7) the grid is exact and long is not."""
+    ckpt = planted_grid(kind)
+    blocks = find_mlp_blocks(ckpt)
+    (_, r_grid, e_grid), = concat_errors(ckpt, blocks, [[0, 1]], kind, 0.3, 0.0, 32.0)
+    (_, r_long, e_long), = concat_errors(ckpt, blocks, [[0, 1]], "long", 0.3, 0.0, 32.0)
+    assert r_grid >= 3 and r_long < 6                                      # the construction's premise
+    assert e_grid < 1e-20 and e_long > 1e-3
+
+
+def test_ablations_rows_and_svd_init_beats_random_init(tmp_path, tiny, capsys):
+    """The SVD start reproduces the weights; a He start does not, so after one epoch it is far worse."""
+    assert main(["ablations"] + tiny_args(tmp_path, tiny) + ["--out", str(tmp_path / "o")] + FAST) == 0
+    rows = {r["ablation"]: r for r in read_rows(tmp_path / "o/ablations.csv")}
+    assert rows["random (He) init"]["init"] == "random" and rows["scaling vectors"]["scaling_vectors"] == "True"
+    base = float(rows["baseline (SVD init, global pruning)"]["heldout_rel_error"])
+    assert float(rows["random (He) init"]["heldout_rel_error"]) > 2 * base
+
+
+def test_growth_runs_every_method(tmp_path, tiny, capsys):
+    assert main(["growth"] + tiny_args(tmp_path, tiny) + ["--out", str(tmp_path / "o")] + FAST) == 0
+    rows = read_rows(tmp_path / "o/growth.csv")
+    assert {r["growth"] for r in rows} == {"hybrid", "random", "split"}
+    assert all(int(r["grown_groups"]) > 0 for r in rows)                  # rank 28 > width 16: growth matters

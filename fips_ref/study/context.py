@@ -147,6 +147,7 @@ def run_row(ctx, cfg, groups, m, **extra):
     """One tidy CSV row of a measured run: every parameter a column, then the measurements."""
     return {**extra, "budget": cfg.budget, "sparsity": cfg.sparsity, "sparsifier": cfg.sparsifier,
             "strategy": cfg.strategy, "tau": cfg.tau, "global_pruning": cfg.global_pruning,
+            "init": cfg.init, "growth": cfg.growth, "scaling_vectors": cfg.scaling_vectors,
             "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
             "groups": format_groups(groups), "ranks": " ".join(map(str, m["ranks"])),
             "train_samples": extra.get("train_samples", next(iter(ctx.train.values())).shape[0]),

@@ -163,10 +163,11 @@ SPARSITY = Study(
 
 
 # ----------------------------------------------------------------------------- ablations
-# (name, config overrides). Random (He) initialisation and scaling vectors are not library
-# options yet: when they are, add ("random init", {...}) and ("scaling vectors", {...}) here.
+# (name, config overrides): one component of the recipe changed at a time (fips_ref/ablations.py).
 ABLATIONS = (("baseline (SVD init, global pruning)", {}),
-             ("uniform pruning", {"global_pruning": False}))
+             ("random (He) init", {"init": "random"}),
+             ("uniform pruning", {"global_pruning": False}),
+             ("scaling vectors", {"scaling_vectors": True}))
 
 
 def measure_ablations(ctx, opts, log):
@@ -198,24 +199,25 @@ ABLATIONS_STUDY = Study(
     "SVD initialisation beats random (He) initialisation and global pruning beats uniform per-layer "
     "pruning; scaling vectors are not part of the final recipe.",
     measure_ablations, summary_ablations, lambda rows, plt: plot_bars(rows, plt, "ablation", "ablations"),
-    ("ablation", "global_pruning", "heldout_rel_error", "top1"))
+    ("ablation", "init", "global_pruning", "scaling_vectors", "heldout_rel_error", "top1"))
 
 
 # ----------------------------------------------------------------------------- growth
-# growth method -> the config field it sweeps and its grid (default, paper). Random growth and
-# neuron splitting are not library options yet; add their entries here when they are.
-GROWTH = {"hybrid": ("tau", (1.0, 32.0, 1024.0), (1.0, 2.0, 8.0, 32.0, 128.0, 1024.0))}
+# growth method -> the config field it sweeps and its grid (default, paper); None: one run.
+GROWTH = {"hybrid": ("tau", (1.0, 32.0, 1024.0), (1.0, 2.0, 8.0, 32.0, 128.0, 1024.0)),
+          "random": None, "split": None}
 
 
 def measure_growth(ctx, opts, log):
-    """§5: initialisation of the extra rank when r > d, swept over its parameter."""
+    """§5: initialisation of the extra rank when r > d (fips_ref/ablations.py: grow), hybrid's τ swept."""
     rows, groups = [], base_groups(ctx)
-    for method, (field, default, paper) in GROWTH.items():
+    for method, sweep in GROWTH.items():
+        field, default, paper = sweep or ("tau", (ctx.base.tau,), (ctx.base.tau,))
         for value in grid(opts, default, paper):
-            cfg = dataclasses.replace(ctx.base, **{field: value})
+            cfg = dataclasses.replace(ctx.base, growth=method, **{field: value})
             m = measure(ctx, cfg, groups, log=log)
             grown = sum(r > b.d for r, b in zip(m["ranks"], [ctx.blocks[g[0]] for g in groups]))
-            rows.append(run_row(ctx, cfg, groups, m, growth=method, grown_groups=grown,
+            rows.append(run_row(ctx, cfg, groups, m, grown_groups=grown,
                                 original_top1=original_top1(ctx)))
     return rows
 
@@ -223,17 +225,31 @@ def measure_growth(ctx, opts, log):
 def summary_growth(rows):
     text = ("Hybrid growth, held-out error by τ: " +
             ", ".join(f"{r['tau']:g}: {r['heldout_rel_error']:.3g}" for r in rows if r["growth"] == "hybrid"))
+    others = [r for r in rows if r["growth"] != "hybrid"]
+    if others:
+        text += "; " + ", ".join(f"{r['growth']} growth {r['heldout_rel_error']:.3g}" for r in others)
     if not any(r["grown_groups"] for r in rows):
-        text += " (no group's rank exceeds its width at this budget, so τ has no effect)"
+        text += " (no group's rank exceeds its width at this budget, so growth has no effect)"
     return text + "."
+
+
+def plot_growth(rows, plt):
+    """Hybrid's error against τ, the single-run methods as horizontal lines."""
+    fig = line_plot([r for r in rows if r["growth"] == "hybrid"], plt, "tau", "growth", "growth when r > d", "τ")
+    ax = fig.axes[0]
+    for r, style in zip((r for r in rows if r["growth"] != "hybrid"), ("--", ":", "-.")):
+        ax.axhline(r["heldout_rel_error"], ls=style, color="C1" if r["growth"] == "random" else "C2",
+                   label=f"growth={r['growth']}")
+    ax.set_xscale("log")
+    ax.legend(fontsize=7)
+    return fig
 
 
 GROWTH_STUDY = Study(
     "growth", "§5",
     "When the rank exceeds the width, the hybrid initialisation (zero columns in U, copies of the top "
     "rows of S·Vh divided by τ in V) trains better than random growth or neuron splitting.",
-    measure_growth, summary_growth,
-    lambda rows, plt: line_plot(rows, plt, "tau", "growth", "growth when r > d", "τ"),
+    measure_growth, summary_growth, plot_growth,
     ("growth", "tau", "ranks", "heldout_rel_error", "top1"))
 
 

@@ -10,12 +10,12 @@ from ..sparsity import initial_masks
 from .context import consecutive_groups
 from .registry import Study, grid
 
-# The concatenation strategies the study compares: every one the library has. The paper's
-# four (App. A.1) are I-IV; the library's 'long' and 'short' are I and IV in this project's
-# reading (docs/algorithm.md). When II/III land in sharing.STRATEGIES, they appear here with
-# no change; add their paper label to STRATEGY_LABELS.
+# The concatenation strategies the study compares: every one the library has, the paper's I-IV
+# (App. A.1): 'long' and 'short' are I and IV, 'by-type' and 'by-block' the block-structured II
+# and III, in this project's reading (docs/algorithm.md "Strategies of concatenation").
 CONCAT_STRATEGIES = STRATEGIES
-STRATEGY_LABELS = {"long": "I (long)", "short": "IV (short)"}
+STRATEGY_LABELS = {"long": "I (long)", "by-type": "II (by-type)", "by-block": "III (by-block)",
+                   "short": "IV (short)"}
 
 
 def rel_error(W, W_hat):  # [rows, cols] x2 -> float
@@ -111,7 +111,7 @@ def concat_errors(ckpt, blocks, groups, strategy, budget, s, tau):
     [(group, rank, ‖C − U(V⊙M)‖² / ‖C‖²)]."""
     out = []
     for g in build_groups(blocks, groups, budget=budget, sparsity=s, strategy=strategy):
-        C = concat_group(ckpt.tensors, g)                      # [rows, 2n·cols]
+        C = concat_group(ckpt.tensors, g)                      # [rows, k·cols], every weight once
         U, V = svd_init(C, g.rank, tau)
         if s > 0:
             V = V * initial_masks({"V": V}, s)["V"]
