@@ -247,8 +247,8 @@ def test_folding_keeps_the_mask_and_the_weight_in_both_orientations(basis_first)
     folded = fold_scaling({"x.V": V * M, "x.m": m})
     assert set(folded) == {"x.V"} and np.array_equal(folded["x.V"] != 0, (V * M != 0) & (m != 0))
     A, B = layer_factors(U, folded["x.V"], layer)
-    A0, B0 = layer_factors(U, scaled_v(V * M, m), layer)
-    np.testing.assert_allclose(A @ B, A0 @ B0, **F64)
+    A_ref, B_ref = layer_factors(U, scaled_v(V * M, m), layer)
+    np.testing.assert_allclose(A @ B, A_ref @ B_ref, **F64)
 
 
 # ----------------------------------------------------------------------------- end to end
