@@ -25,9 +25,9 @@ from .backend import get_xp
 from .checkpoint import InputError
 from .losses import FCTarget, block_loss_and_grads, fc_loss_and_grads, fc_target  # noqa: F401
 from .mlp import dense_mlp, lowrank_mlp
-from .ablations import (check_ablation_options, expand_grid, fold_scaling, grow, he_init, m_key,
-                        normalise_columns, scaled_v, scaling_grads)
-from .sharing import GRID_STRATEGIES, build_groups, concat_group, layer_factors, split_v, svd_init, v_keys, v_param
+from .ablations import check_ablation_options, expand_grid, fold_scaling, m_key, scaled_v, scaling_grads
+from .initialisation import init_factors
+from .sharing import GRID_STRATEGIES, build_groups, layer_factors, v_param
 from .sparsifiers import (Schedule, check_gmp_levels, resolve_schedule, rigl_gradients,  # noqa: F401
                           sparsifier_masks, sparsifier_step)
 from .sparsity import SPARSIFIERS, density
@@ -93,36 +93,6 @@ def plan_groups(cfg, blocks, groups):
     rank_sparsity = 0.0 if cfg.sparsifier == "dense" else cfg.sparsity   # B12: dense keeps the budget
     return build_groups(blocks, groups, budget=cfg.budget, sparsity=rank_sparsity,
                         strategy=cfg.strategy, round_to=cfg.round_to or None)
-
-
-def init_factors(weights, groups, *, xp, dtype, tau, init="svd", growth="hybrid", scaling_vectors=False,
-                 seed=0):
-    """U per group, V slices, biases per layer (paper §3 "Shared initialisation"; §5 ablations: ablations.py).
-
-    ``init`` 'svd' (the authors') or 'random' (He); ``growth`` for ranks past min(rows, cols);
-    ``scaling_vectors``: the SVD of C's column-normalised C_n and a magnitude 'm' per V slice.
-    """
-    params = {}
-    rng = np.random.default_rng(seed)
-    for g in groups:
-        C = concat_group(weights, g)                                  # [rows, k·cols]
-        m = None
-        if scaling_vectors:
-            C, m = normalise_columns(C)                               # C = C_n diag(m)
-        if init == "random":
-            U, V = he_init(C.shape[0], C.shape[1], g.rank, rng)
-        else:
-            U, V = svd_init(C, min(g.rank, min(C.shape)), tau)        # [rows, q'], [q', k·cols]
-            U, V = grow(U, V, g.rank, growth, tau, rng)               # [rows, R], [R, k·cols]
-        params[f"U.{g.index}"] = xp.asarray(U, dtype=dtype)
-        for j, (vk, v) in enumerate(zip(v_keys(g), split_v(V, g))):
-            params[vk] = xp.asarray(v, dtype=dtype)
-            if m is not None:
-                params[m_key(vk)] = xp.asarray(m[j * g.cols:(j + 1) * g.cols], dtype=dtype)
-        for layer in g.layers:
-            # a copy: AdamW updates params in place, and the caller's bias is also the target's
-            params[f"{layer.key}.bias"] = xp.array(weights[f"{layer.key}.bias"], dtype=dtype)
-    return params
 
 
 def dense_weights(weights, blocks, *, xp, dtype):
@@ -320,7 +290,9 @@ def run_local_stage(weights, acts, groups, cfg=FiPSConfig(), *, blocks, batch_or
     -------
     LocalResult
         Final factors and biases (``params``), bool ``masks``, resolved ``schedule``, ``history``
-        with per-step ``loss``, ``lr`` and ``sparsity``, and per-block relative errors.
+        with per-step ``loss``, ``lr`` and ``sparsity``, and per-block relative errors. With
+        scaling vectors or a by-type/by-block strategy, ``groups``/``params``/``masks`` are the
+        exported form (ablations.expand_grid, fold_scaling); the callback sees the trained one.
     """
     t0 = time.perf_counter()
     if cfg.sparsifier not in SPARSIFIERS:

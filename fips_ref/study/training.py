@@ -191,6 +191,9 @@ def plot_bars(rows, plt, label_key, title):
     ax.barh(range(len(rows)), [r["heldout_rel_error"] for r in rows])
     ax.set(yticks=range(len(rows)), yticklabels=[r[label_key] for r in rows],
            xlabel="held-out relative MLP error", title=title)
+    errs = [r["heldout_rel_error"] for r in rows]
+    if min(errs) > 0 and max(errs) / min(errs) > 100:               # e.g. random init: log scale
+        ax.set_xscale("log")
     return fig
 
 
@@ -236,12 +239,13 @@ def summary_growth(rows):
 def plot_growth(rows, plt):
     """Hybrid's error against τ, the single-run methods as horizontal lines."""
     fig = line_plot([r for r in rows if r["growth"] == "hybrid"], plt, "tau", "growth", "growth when r > d", "τ")
-    ax = fig.axes[0]
-    for r, style in zip((r for r in rows if r["growth"] != "hybrid"), ("--", ":", "-.")):
-        ax.axhline(r["heldout_rel_error"], ls=style, color="C1" if r["growth"] == "random" else "C2",
-                   label=f"growth={r['growth']}")
-    ax.set_xscale("log")
-    ax.legend(fontsize=7)
+    for ax, metric in zip(fig.axes, ("heldout_rel_error", "top1")):
+        for r, style in zip((r for r in rows if r["growth"] != "hybrid"), ("--", ":", "-.")):
+            if r.get(metric) is not None:
+                ax.axhline(r[metric], ls=style, color="C1" if r["growth"] == "random" else "C2",
+                           label=f"growth={r['growth']}")
+        ax.set_xscale("log")
+        ax.legend(fontsize=7)
     return fig
 
 
