@@ -90,6 +90,7 @@ class LocalResult:
 # ----------------------------------------------------------------------------- initialisation
 def plan_groups(cfg, blocks, groups):
     """The groups with their ranks from the budget (docs/authors-code.md §2); InputError if a rank is < 1."""
+    check_ablation_options(cfg)                  # option combinations, before any work (ablations.py)
     rank_sparsity = 0.0 if cfg.sparsifier == "dense" else cfg.sparsity   # B12: dense keeps the budget
     return build_groups(blocks, groups, budget=cfg.budget, sparsity=rank_sparsity,
                         strategy=cfg.strategy, round_to=cfg.round_to or None)
@@ -306,7 +307,6 @@ def run_local_stage(weights, acts, groups, cfg=FiPSConfig(), *, blocks, batch_or
                          "so no step would be taken")
     sched = resolve_schedule(cfg, sum(len(e) for e in order))
     check_gmp_levels(cfg, sched)
-    check_ablation_options(cfg)
     plan = plan_groups(cfg, blocks, groups)
     params = init_factors(weights, plan, xp=xp, dtype=dtype, tau=cfg.tau, init=cfg.init, growth=cfg.growth,
                           scaling_vectors=cfg.scaling_vectors, seed=cfg.seed)

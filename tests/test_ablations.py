@@ -327,3 +327,14 @@ def test_compress_then_decompress_per_strategy(tmp_path, concat, capsys):
     x = random_images(ckpt, 3)
     np.testing.assert_allclose(forward(str(dense), x), forward(str(out), x), rtol=1e-4, atol=1e-5)
     assert load_checkpoint(dense).tensors["blocks.1.mlp.fc2.weight"].shape == (8, 32)
+
+
+def test_refused_combination_is_one_line_exit_2_before_any_output(tmp_path, capsys):
+    from fips_ref.compress import main as compress_main
+    from model_fixtures import make_vit_checkpoint
+    ckpt = make_vit_checkpoint(tmp_path / "vit.npz", depth=2, embed_dim=8, mlp_ratio=4.0)
+    code = compress_main([ckpt.path, "--out", str(tmp_path / "c.npz"), "--concat", "II", "--solver", "als",
+                          "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--concat by-type" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vit.npz"]
