@@ -13,6 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 from fips_ref.ablations import (expand_grid, fold_scaling, grow, he_init, m_key, normalise_columns,
                                 scaled_v)
+from fips_ref.backend import to_numpy
 from fips_ref.budget import rank_for_shape
 from fips_ref.checkpoint import Checkpoint, InputError, MLPBlock, json_entry, load_checkpoint
 from fips_ref.codec import decompressed_tensors, encode
@@ -115,23 +116,35 @@ def test_grid_ranks_from_the_shape_of_c():
 
 
 @pytest.mark.parametrize("strategy", GRID)
-def test_expand_grid_keeps_every_layer_weight_and_its_nonzeros(strategy):
+def test_expand_grid_keeps_every_layer_weight_and_its_nonzeros(xp, strategy):
     """The file's form (one U, a V per layer) gives the same weights, masks keep each layer's nnz."""
     rng = np.random.default_rng(4)
     w, blocks = _vit(rng, 3, 4, 8)
     g = build_groups(blocks, [[0, 1, 2]], budget=0.5, sparsity=0.5, strategy=strategy)[0]
-    params = init_factors(w, [g], xp=np, dtype=np.float64, tau=32.0)
-    masks = {k: rng.random(params[k].shape) < 0.5 for k in v_keys(g)}
-    before = _layer_weights(params, masks, [g])
-    groups, p2, m2 = expand_grid([g], params, masks, np)
+    params = init_factors(w, [g], xp=xp, dtype=np.float64, tau=32.0)
+    masks = {k: xp.asarray(rng.random(params[k].shape) < 0.5) for k in v_keys(g)}
+    host = lambda d: {k: to_numpy(v) for k, v in d.items()}              # noqa: E731
+    before = _layer_weights(host(params), host(masks), [g])
+    groups, p2, m2 = expand_grid([g], params, masks, xp)
     (g2,) = groups
     assert g2.rows == 4 and all(l.u_rows is None and l.v_key is None for l in g2.layers)
     assert p2["U.0"].shape == (4, g2.rank) and g2.rank == (g.rows // 4) * g.rank
-    after = _layer_weights(p2, m2, groups)
+    after = _layer_weights(host(p2), host(m2), groups)
     for key in before:
         np.testing.assert_allclose(after[key], before[key], **F64)
     for l in g.layers:
-        assert m2[f"{l.key}.V"].sum() == masks[f"{(l.v_key)}.V"].sum()
+        assert int(m2[f"{l.key}.V"].sum()) == int(masks[f"{(l.v_key)}.V"].sum())
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31), n=st.integers(1, 3), d=st.integers(2, 4), ratio=st.integers(1, 3))
+def test_every_strategy_holds_every_weight_exactly_once(seed, n, d, ratio):
+    """C of I-IV is a rearrangement of the same 2n·D·F weights, so their relative errors compare."""
+    w, blocks = _vit(np.random.default_rng(seed), n, d, ratio * d)
+    Cs = [concat_group(w, build_groups(blocks, [list(range(n))], budget=1.0, sparsity=0.9, strategy=s)[0])
+          for s in STRATEGIES]
+    assert all(C.size == 2 * n * d * ratio * d for C in Cs)
+    assert all(np.array_equal(np.sort(C.ravel()), np.sort(Cs[0].ravel())) for C in Cs)
 
 
 # ----------------------------------------------------------------------------- growth
