@@ -16,28 +16,39 @@ from fips_ref.models import prepare_model, vjp
 from fips_ref.models.grad import torch_layout
 from fips_ref.sharing import Layer
 from fips_ref.sparsity import keep_count
-from model_fixtures import make_vit_checkpoint, random_images
+from model_fixtures import make_swin_checkpoint, make_vit_checkpoint, random_images
 
 D, F, R, K = 16, 32, 6, 5
 
 
-def make_compressed(folder, density=0.25, seed=0):
-    """A 2-block ViT (D 16, F 32) and its compressed twin: one 'long' group of both blocks, rank 6,
-    V at exactly ``density`` over the group (global), float32 storage. Returns (original, compressed) paths."""
-    base = make_vit_checkpoint(os.path.join(folder, "orig.npz"), depth=2, embed_dim=D,
-                               mlp_ratio=F / D, num_classes=K, seed=seed)
+def make_compressed(folder, density=0.25, seed=0, base=None, groups=((0, 1),)):
+    """A checkpoint (default: 2-block ViT, D 16, F 32) and its compressed twin: 'long' groups of
+    the given blocks, rank 6, V at exactly ``density`` over all groups (global), float32
+    storage. Returns (original, compressed) paths."""
+    from fips_ref.checkpoint import find_mlp_blocks
+    base = base or make_vit_checkpoint(os.path.join(folder, "orig.npz"), depth=2, embed_dim=D,
+                                       mlp_ratio=F / D, num_classes=K, seed=seed)
+    blocks = find_mlp_blocks(base)
     rng = np.random.default_rng(seed + 1)
-    layers = tuple(Layer(f"blocks.{b}.mlp.{fc}", b, fc == "fc1") for b in (0, 1) for fc in ("fc1", "fc2"))
-    n = len(layers) * R * F
+    layers = {g: tuple(Layer(f"{blocks[b].prefix}.mlp.{fc}", b, fc == "fc1") for b in bs
+                       for fc in ("fc1", "fc2")) for g, bs in enumerate(groups)}
+    shapes = {l.key: (R, blocks[l.block].hidden) for ls in layers.values() for l in ls}
+    n = sum(r * c for r, c in shapes.values())
     flat = np.zeros(n, dtype=bool)
     flat[rng.permutation(n)[:int(n * density)]] = True
-    masks = {f"{l.key}.V": m for l, m in zip(layers, flat.reshape(len(layers), R, F))}
-    params = {"U.0": (rng.standard_normal((D, R)) / 2).astype(np.float32)}
-    for l in layers:
-        params[f"{l.key}.V"] = (rng.standard_normal((R, F)) * masks[f"{l.key}.V"] / 2).astype(np.float32)
-        params[f"{l.key}.bias"] = base.tensors[f"{l.key}.bias"]
-    group = SimpleNamespace(index=0, blocks=(0, 1), rows=D, cols=F, rank=R, layers=layers)
-    result = SimpleNamespace(groups=[group], params=params, masks=masks)
+    params, masks, start, out_groups = {}, {}, 0, []
+    for g, bs in enumerate(groups):
+        d, hidden = blocks[bs[0]].d, blocks[bs[0]].hidden
+        params[f"U.{g}"] = (rng.standard_normal((d, R)) / 2).astype(np.float32)
+        for l in layers[g]:
+            m = flat[start:start + R * hidden].reshape(R, hidden)
+            start += R * hidden
+            masks[f"{l.key}.V"] = m
+            params[f"{l.key}.V"] = (rng.standard_normal((R, hidden)) * m / 2).astype(np.float32)
+            params[f"{l.key}.bias"] = base.tensors[f"{l.key}.bias"]
+        out_groups.append(SimpleNamespace(index=g, blocks=bs, rows=d, cols=hidden, rank=R,
+                                          layers=layers[g]))
+    result = SimpleNamespace(groups=out_groups, params=params, masks=masks)
     arrays, meta = encode(base, result, {"target_sparsity": 0.75}, storage_dtype=np.float32)
     path = os.path.join(folder, "c.fips.npz")
     save_npz_atomic(path, {**arrays, "config": json_entry(base.config), "fips": json_entry(meta)})
@@ -124,6 +135,28 @@ def test_rigl_lands_on_the_target_and_keeps_it_exactly(tmp_path):
             assert not np.any(state.adam.m[k][~m]) and not np.any(state.adam.v[k][~m])
             assert np.array_equal(state.forward_v[k], state.params[k] * m)
     assert changed > loaded - keep_count(n, 0.75)          # RigL also regrew, not only pruned
+
+
+def test_swin_steps_keep_sparsity_and_train_every_tensor(tmp_path):
+    """Swin (shifted windows, patch merging), one group per block: RigL keeps the exact global
+    count, and after a few steps every float tensor has moved (every parameter trains)."""
+    base = make_swin_checkpoint(tmp_path / "swin.npz")
+    _, comp = make_compressed(str(tmp_path), density=0.25, base=base, groups=((0,), (1,), (2,), (3,)))
+    ck = load_checkpoint(comp)
+    model = prepare_model(ck, dtype=np.float64)
+    cfg = GlobalConfig(delta_t=1, rigl_drop_fraction=0.3)
+    state, mlps = init_state(model, ck, cfg)
+    start = {k: v.copy() for k, v in state.params.items()}
+    n = sum(m.size for m in state.masks.values())
+    x = random_images(ck, 3).astype(np.float64)
+    t = np.random.default_rng(3).dirichlet(np.ones(5), 3)
+    losses = [float(global_step(state, model, mlps, cfg, schedule(cfg, 8), x, t)[0]) for _ in range(4)]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert sum(int(m.sum()) for m in state.masks.values()) == keep_count(n, 0.75)
+    moved = {k for k in state.trainable if not np.array_equal(start[k], state.params[k])}
+    assert moved == set(state.trainable) and "head.fc.weight" in moved
+    new = replace_head(ck, 3, np.random.default_rng(0))
+    assert new.tensors["head.fc.weight"].shape == (3, 16) and new.config["num_classes"] == 3
 
 
 def test_replace_head_is_timm_init():
@@ -236,3 +269,27 @@ def test_bad_input_one_line_exit_2_nothing_written(files, capsys, case):
     code, stdout, stderr = _run(capsys, argv)
     assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
     assert "error" in stderr and sorted(os.listdir(files.folder)) == listing
+
+
+def test_image_folder_data_with_the_3_augment(files, capsys):
+    """An ImageFolder tree (photos of another size) trains through the 3-augment and validates
+    through the eval transform; an unreadable file is one line, exit 2, nothing written."""
+    from PIL import Image
+    root = files.folder / "imgs"
+    rng = np.random.default_rng(0)
+    for c in ("a", "b", "c"):
+        (root / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    out, rep = files.folder / "img.fips.npz", files.folder / "img.json"
+    code, _, err = _run(capsys, [files.comp, "--data", root, "--eval-data", root, "--epochs", 2,
+                                 "--batch-size", 4, "--out", out, "--report", rep, "--quiet"])
+    assert code == 0, err
+    report = json.loads(rep.read_text())
+    assert report["steps"] == 6 and report["epoch_metrics"][-1]["val_top1"] is not None
+    (root / "a" / "bad.png").write_bytes(b"not a png")
+    listing = sorted(os.listdir(files.folder))
+    code, _, err = _run(capsys, [files.comp, "--data", root, "--epochs", 1, "--batch-size", 13,
+                                 "--out", files.folder / "img2.fips.npz", "--quiet"])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "bad.png" in err
+    assert sorted(os.listdir(files.folder)) == listing
