@@ -14,16 +14,16 @@ from types import SimpleNamespace
 import numpy as np
 
 from . import __version__
-from .augment import AugmentConfig, mix_batch
-from .backend import load_backend, to_numpy
+from .augment import AugmentConfig
+from .backend import load_backend
 from .checkpoint import Checkpoint, InputError, json_entry, load_checkpoint, save_json_atomic, save_npz_atomic
 from .cli import POSITIVE_INT, HelpFormatter, OneLineParser, check_paths, parse, ranged, run_cli
 from .codec import encode, fips_meta
-from .global_stage import GlobalConfig, global_step, init_state, predict, schedule
+from .global_stage import GlobalConfig, init_state, schedule
 from .outputs import all_or_nothing
 from .sharing import Layer
 from .sparsity import density
-from .train_data import check_batch, check_labels, epoch_order, open_train_data
+from .train_data import check_batch, check_labels, open_train_data
 
 A7 = "docs/authors-code.md §7"
 

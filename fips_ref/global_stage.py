@@ -82,7 +82,7 @@ def init_state(model, ckpt, cfg):
     for g in fips_meta(ckpt)["groups"]:
         U, Vs, layers = group_factors(ckpt, g)
         params[f"fips.U.{g['index']}"] = U = xp.asarray(U, dtype=dtype)
-        bits = _mask_bits(ckpt.tensors[f"fips.mask.{g['index']}"], V_size(g)).reshape(
+        bits = _mask_bits(ckpt.tensors[f"fips.mask.{g['index']}"], v_entries(g)).reshape(
             len(layers), g["rank"], g["cols"])                          # [L, R, cols]
         per_block = {}
         for V, bit, layer in zip(Vs, bits, layers):
@@ -102,7 +102,7 @@ def init_state(model, ckpt, cfg):
     return GlobalState(params, forward_v, masks, ()), mlps
 
 
-def V_size(g):
+def v_entries(g):
     """Entries of a group's V slices together: layers · rank · cols."""
     return len(g["layers"]) * g["rank"] * g["cols"]
 
