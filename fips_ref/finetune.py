@@ -115,7 +115,8 @@ HEADS = {"vit": ("head", "head_dist"), "swin": ("head.fc",)}
 
 def replace_head(ckpt, num_classes, rng):
     """A copy of ``ckpt`` with a new K-class head, as timm initialises it: weight trunc_normal_
-    (std 0.02, cut at ±2), bias 0 (init_weights_vit_timm, which VisionTransformer and SwinTransformer.init_weights apply)."""
+    (std 0.02, cut at ±2), bias 0 (timm's init_weights_vit_timm, which the init_weights of
+    VisionTransformer and of SwinTransformer apply)."""
     tensors, config = dict(ckpt.tensors), dict(ckpt.config, num_classes=num_classes)
     for name in HEADS[ckpt.config["arch"]]:
         if f"{name}.weight" not in tensors:
