@@ -293,3 +293,14 @@ def test_image_folder_data_with_the_3_augment(files, capsys):
                                  "--out", files.folder / "img2.fips.npz", "--quiet"])
     assert code == 2 and len(err.strip().splitlines()) == 1 and "bad.png" in err
     assert sorted(os.listdir(files.folder)) == listing
+
+
+def test_bundled_train_split_is_images_and_labels_and_not_the_test_set():
+    """weights/digits_train.npz: the 1437 training digits in the format of digits_test.npz,
+    none of them a test image (the demo fine-tunes on it and measures on the test set)."""
+    root = os.path.join(os.path.dirname(__file__), "..", "weights")
+    train, test = (np.load(os.path.join(root, f"digits_{n}.npz")) for n in ("train", "test"))
+    assert train["images"].shape == (1437,) + test["images"].shape[1:]
+    assert train["labels"].shape == (1437,) and set(np.unique(train["labels"])) == set(range(10))
+    seen = {img.tobytes() for img in test["images"]}
+    assert not any(img.tobytes() in seen for img in train["images"])
