@@ -18,13 +18,13 @@ Run both from the repository root (the script also finds fips_ref when run from 
     weights/digits_test.npz          images float32 [360, 1, 8, 8] (normalised), labels int64 [360],
                                      torch_logits float32 [360, 10] (torch's eval logits, for
                                      checking a forward pass)
-    weights/digits_calib_images.npz  images float32 [1437, 1, 8, 8] (normalised), labels int64:
+    weights/digits_train.npz        images float32 [1437, 1, 8, 8] (normalised), labels int64:
                                      the whole TRAIN split, in split order
 
 `record` writes
     weights/vit_digits_calib.npz     mlp_in.{i} float16 [N, 17, 128] for every block i: the input
                                      of block i's MLP (after norm2) for the FIRST N images of
-                                     digits_calib_images.npz (default N = 512, 17.8 MB; float16
+                                     digits_train.npz (default N = 512, 17.8 MB; float16
                                      halves the repository size, the local stage computes in
                                      float32; see --num-images, --float32)
 and checks that fips_ref.models.forward reproduces torch's test accuracy and logits.
@@ -57,7 +57,7 @@ from fips_ref.checkpoint import json_entry, load_npz, save_npz_atomic  # noqa: E
 
 CKPT = os.path.join(HERE, "vit_digits.npz")
 TEST = os.path.join(HERE, "digits_test.npz")
-CALIB_IMAGES = os.path.join(HERE, "digits_calib_images.npz")
+TRAIN_IMAGES = os.path.join(HERE, "digits_train.npz")
 CALIB_ACTS = os.path.join(HERE, "vit_digits_calib.npz")
 
 SEED = 0
@@ -315,8 +315,8 @@ def cmd_train(args):
     save_npz_atomic(CKPT, arrays)
     save_npz_atomic(TEST, {"images": normalise(x_te), "labels": y_te.astype(np.int64),
                            "torch_logits": logits.numpy().astype(np.float32)})
-    save_npz_atomic(CALIB_IMAGES, {"images": normalise(x_tr), "labels": y_tr.astype(np.int64)})
-    for p in (CKPT, TEST, CALIB_IMAGES):
+    save_npz_atomic(TRAIN_IMAGES, {"images": normalise(x_tr), "labels": y_tr.astype(np.int64)})
+    for p in (CKPT, TEST, TRAIN_IMAGES):
         print(f"wrote {os.path.relpath(p, ROOT)}  {os.path.getsize(p)} bytes  sha256 {sha256(p)}")
 
 
@@ -340,7 +340,7 @@ def cmd_record(args):
         print(f"max |fips_ref - torch| logit difference: {diff:.3g}; argmax agreement {agree:.4f}")
     ok = torch_acc is None or abs(acc - torch_acc) < 1e-6        # config rounds to 6 digits
 
-    calib = load_npz(CALIB_IMAGES, "calibration images")
+    calib = load_npz(TRAIN_IMAGES, "calibration images")
     n = len(calib["images"]) if args.num_images <= 0 else min(args.num_images, len(calib["images"]))
     images = calib["images"][:n]
     _, acts = _as_pair(forward(CKPT, images, record_mlp_inputs=True))
