@@ -10,7 +10,7 @@ import math
 
 from .backend import get_xp
 
-SPARSIFIERS = ("dense", "static", "gmp", "rigl")
+SPARSIFIERS = ("dense", "static", "gmp", "rigl", "set", "srigl", "nm")   # the last three: structured.py
 
 
 # ----------------------------------------------------------------------------- schedules
