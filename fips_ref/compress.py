@@ -4,6 +4,7 @@ With no argument it compresses the bundled demo (weights/vit_digits.npz) with it
 calibration activations and reports accuracy before and after on the demo's held-out digits.
 Every default is the authors' where they published one; ``--help`` says where each comes from.
 """
+import argparse
 import dataclasses
 import itertools
 import os
@@ -23,7 +24,9 @@ from .codec import encode, live_rank_columns
 from .outputs import all_or_nothing
 from .local_stage import LOSSES, FiPSConfig, config_dict, plan_groups, run_local_stage
 from .sharing import STRATEGIES, check_groups, choose_groups
+from .sparsifiers import per_layer_only
 from .sparsity import SPARSIFIERS, density, describe
+from .structured import HELP, nm_sparsity
 from .validate import check_steps
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
@@ -60,9 +63,18 @@ def build_parser():
     a = p.add_argument_group("FiPS (paper §3; docs/authors-code.md §1-§3)")
     a.add_argument("--budget", type=ranged(0, 1, lo_open=True), default=d.budget,
                    help="fraction of MLP weights kept (U + nnz V); paper §3, rank formula docs/authors-code.md §2")
-    a.add_argument("--sparsity", type=ranged(0, 1, hi_open=True), default=d.sparsity, help="target sparsity of V (authors' configs: 0.75, docs/authors-code.md §2, §5)")
+    a.add_argument("--sparsity", type=ranged(0, 1, hi_open=True), help="target sparsity of V (default 0.75: authors' configs, docs/authors-code.md §2, §5; with --sparsifier nm: 1 - N/M)")
     a.add_argument("--sparsifier", choices=SPARSIFIERS, default=d.sparsifier,
-                   help="static, gmp, rigl: docs/authors-code.md §5.2, §5.3, §5.5; gmp is the paper's final recipe (§4)")
+                   help="static, gmp, rigl: docs/authors-code.md §5.2, §5.3, §5.5; gmp is the paper's final "
+                        "recipe (§4). set, srigl, nm: docs/deployment.md §2 (stored condensed). "
+                        + " ".join(f"{k}: {HELP[k]}." for k in ("set", "srigl", "nm")))
+    a.add_argument("--fan-in", dest="fan_in", choices=("any", "constant"), default=d.fan_in,
+                   help=f"with --sparsifier set (default any: unstructured, as SET). {HELP['fan_in']}")
+    a.add_argument("--gamma-sal", dest="gamma_sal", type=gamma_sal, default=d.gamma_sal,
+                   help=HELP["gamma_sal"] + " (srigl only)")
+    a.add_argument("--nm", type=nm_pattern, default=d.nm,
+                   help="N:M of --sparsifier nm (default 1:4, sparsity 0.75, as the N:M "
+                        "sparsifier's usual 1:4 setting; 2:4 is sparsity 0.5); sets --sparsity to 1 - N/M")
     a.add_argument("--group-size", type=POSITIVE_INT,
                    help="blocks per group, inside each stage (default: 4 where it divides every "
                         "stage, as DeiT-B's paper groups; otherwise the paper's groups)")
@@ -80,8 +92,10 @@ def build_parser():
                    help="mlp: error of each block's MLP output (authors' code, docs/authors-code.md "
                         "§4.3); fc: paper Eq. (1), each fc layer on its own original input")
     g = a.add_mutually_exclusive_group()
-    g.add_argument("--global-pruning", dest="global_pruning", action="store_true", default=True,
-                   help="one magnitude threshold over every V (every vision config, docs/authors-code.md §5.4)")
+    g.add_argument("--global-pruning", dest="global_pruning", action="store_true", default=None,
+                   help="one magnitude threshold over every V (default, every vision config, docs/authors-code.md "
+                        "§5.4); not for srigl, nm, set --fan-in constant: constant fan-in and N:M are per "
+                        "layer, so those default to --uniform-pruning")
     g.add_argument("--uniform-pruning", dest="global_pruning", action="store_false",
                    help="per-layer threshold (the paper's 'local pruning')")
     t = p.add_argument_group("optimisation (docs/authors-code.md §4.4, §5)")
@@ -121,9 +135,36 @@ def build_parser():
 
 
 def fips_config(args):
-    """FiPSConfig from parsed flags: every field from the flag of the same name (--concat sets strategy)."""
+    """FiPSConfig from parsed flags: every field from the flag of the same name (--concat sets strategy).
+
+    Flags left at None get their structure-aware default: --sparsity 1 - N/M for nm, else 0.75;
+    pruning per layer for the per-layer-only sparsifiers (srigl, nm, set --fan-in constant), else global.
+    """
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(FiPSConfig) if hasattr(args, f.name)}
+    if values.get("sparsity", 0) is None:
+        nm = values.get("nm", FiPSConfig.nm)
+        values["sparsity"] = nm_sparsity(*nm) if values.get("sparsifier") == "nm" else FiPSConfig.sparsity
+    if values.get("global_pruning", 0) is None:
+        values["global_pruning"] = not per_layer_only(FiPSConfig(**{**values, "global_pruning": True}))
     return FiPSConfig(**values, strategy=args.concat)
+
+
+def nm_pattern(text):
+    """--nm N:M as (n, m), 1 <= N < M <= 256."""
+    try:
+        n, m = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N:M such as 1:4, got {text!r}") from None
+    if not 1 <= n < m <= 256:
+        raise argparse.ArgumentTypeError(f"needs 1 <= N < M <= 256, got {text!r}")
+    return (n, m)
+
+
+def gamma_sal(text):
+    """--gamma-sal: a float in [0, 1], or 'none' (no ablation)."""
+    if text.lower() == "none":
+        return None
+    return ranged(0, 1)(text)
 
 
 # ----------------------------------------------------------------------------- calibration
