@@ -11,7 +11,7 @@ import numpy as np
 
 from .backend import to_numpy
 from .checkpoint import InputError
-from .condensed import Condensed, decode, encode
+from .condensed import Condensed, decode, encode, from_arrays, storage_report
 from .structured import fan_in_axis
 
 MAX_M = 256                   # N:M group size the format accepts (indices in one byte)
@@ -140,3 +140,21 @@ def group_condensed(ckpt, g, dtype=np.float32):
 def decoded_slices(ckpt, g):
     """[V_j [R, cols]] float32, zeros off the mask, of a validated condensed group."""
     return [decode(c)[0] for c in group_condensed(ckpt, g)]
+
+
+# ----------------------------------------------------------------------------- report
+def condensed_summary(result, arrays, m):
+    """Per condensed group condensed.storage_report (paper §3 with a bitmask, and with index bits
+    packed or at the stored dtype; bytes of both layouts' arrays), and the totals (docs/deployment.md §4)."""
+    groups = []
+    for g in result.groups:
+        U = arrays[f"fips.U.{g.index}"]
+        shapes = {"rank": U.shape[1], "cols": g.cols}
+        dims = [layer_shape(shapes, {"basis_first": l.basis_first}) for l in g.layers]  # (units, fan-in)
+        conds = [from_arrays(arrays, f"fips.V.{g.index}.{j}", n_units=u, fan_in=f,
+                             axis=fan_in_axis(l.basis_first), m=m)
+                 for j, (l, (u, f)) in enumerate(zip(g.layers, dims))]
+        groups.append(dict(storage_report(U, conds, U.dtype), index=g.index))
+    keys = ("bits_bitmask", "bits_indexed_packed", "bits_indexed_dtype", "file_bytes_bitmask",
+            "file_bytes_condensed")
+    return {"groups": groups, **{k: sum(r[k] for r in groups) for k in keys}}

@@ -4,7 +4,6 @@ With no argument it compresses the bundled demo (weights/vit_digits.npz) with it
 calibration activations and reports accuracy before and after on the demo's held-out digits.
 Every default is the authors' where they published one; ``--help`` says where each comes from.
 """
-import argparse
 import dataclasses
 import itertools
 import os
@@ -26,7 +25,8 @@ from .local_stage import LOSSES, FiPSConfig, config_dict, plan_groups, run_local
 from .sharing import STRATEGIES, check_groups, choose_groups
 from .sparsifiers import per_layer_only
 from .sparsity import SPARSIFIERS, density, describe
-from .structured import HELP, nm_sparsity
+from .codec_condensed import condensed_m, condensed_summary
+from .structured import HELP, gamma_sal, nm_pattern, nm_sparsity
 from .validate import check_steps
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
@@ -149,24 +149,6 @@ def fips_config(args):
     return FiPSConfig(**values, strategy=args.concat)
 
 
-def nm_pattern(text):
-    """--nm N:M as (n, m), 1 <= N < M <= 256."""
-    try:
-        n, m = (int(v) for v in text.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N:M such as 1:4, got {text!r}") from None
-    if not 1 <= n < m <= 256:
-        raise argparse.ArgumentTypeError(f"needs 1 <= N < M <= 256, got {text!r}")
-    return (n, m)
-
-
-def gamma_sal(text):
-    """--gamma-sal: a float in [0, 1], or 'none' (no ablation)."""
-    if text.lower() == "none":
-        return None
-    return ranged(0, 1)(text)
-
-
 # ----------------------------------------------------------------------------- calibration
 def token_count(config):
     """Tokens per image of a ViT (patches + prefix tokens); 49 for Swin (one 7×7 window)."""
@@ -249,9 +231,10 @@ def _group_nnz(result, g):
                for l in g.layers)
 
 
-def storage_summary(result, arrays, original_numel, value_bits):
+def storage_summary(result, arrays, original_numel, value_bits, cfg=None):
     """Paper §3 bits (16-bit values + 1 mask bit per V entry), at the trained and at the stored
-    (live) rank, next to the bits actually written."""
+    (live) rank, next to the bits actually written; for a condensed run (``cfg``: srigl, nm,
+    set --fan-in constant) also the variant with index bits (condensed_summary)."""
     paper = paper_stored = written_formula = 0
     for g in result.groups:
         nnz, live = _group_nnz(result, g), int(live_rank_columns(result, g).sum())
@@ -261,10 +244,13 @@ def storage_summary(result, arrays, original_numel, value_bits):
         written_formula += storage_bits(g.rows, live, cols, nnz, value_bits)
     written = sum(a.nbytes * 8 for k, a in arrays.items() if k.startswith("fips."))
     orig16 = 16 * original_numel
-    return {"paper_bits": paper, "original_bits_16": orig16, "paper_ratio": paper / orig16,
-            "paper_bits_stored": paper_stored, "paper_ratio_stored": paper_stored / orig16,
-            "formula_bits_at_storage_dtype": written_formula, "written_bits": written,
-            "written_ratio_vs_original_16bit": written / orig16}
+    out = {"paper_bits": paper, "original_bits_16": orig16, "paper_ratio": paper / orig16,
+           "paper_bits_stored": paper_stored, "paper_ratio_stored": paper_stored / orig16,
+           "formula_bits_at_storage_dtype": written_formula, "written_bits": written,
+           "written_ratio_vs_original_16bit": written / orig16}
+    if cfg is not None and condensed_m(config_dict(cfg)) is not None:
+        out["condensed"] = condensed_summary(result, arrays, condensed_m(config_dict(cfg)))
+    return out
 
 
 def build_report(args, cfg, ckpt, blocks, result, arrays, calib, out_path, xp, seconds, accuracy,
@@ -288,7 +274,7 @@ def build_report(args, cfg, ckpt, blocks, result, arrays, calib, out_path, xp, s
         "params": {"mlp_original": original, "mlp_kept": kept, "achieved_budget": kept / original,
                    "mlp_kept_stored": stored, "achieved_budget_stored": stored / original,
                    "target_budget": args.budget, "v_density": density(result.masks)},
-        "storage": dict(storage_summary(result, arrays, original, value_bits),
+        "storage": dict(storage_summary(result, arrays, original, value_bits, cfg),
                         file_bytes=os.path.getsize(written or out_path),
                         original_file_bytes=os.path.getsize(ckpt.path)),
         "history": result.history, "wall_seconds": seconds, "peak_device_bytes": peak_device_bytes(xp),
@@ -385,6 +371,12 @@ def summary(report, report_path=None):
              f"storage ratio (paper §3, 16-bit): {s['paper_ratio']:.4f}; file {s['file_bytes']:,} bytes "
              f"vs original {s['original_file_bytes']:,}",
              f"wall time {report['wall_seconds']:.1f} s"]
+    if "condensed" in s:
+        c = s["condensed"]
+        lines.append(f"condensed V: paper §3 {c['bits_bitmask']:,} bits with a bitmask, "
+                     f"{c['bits_indexed_packed']:,} with packed index bits, {c['bits_indexed_dtype']:,} "
+                     f"at the stored index dtypes; arrays {c['file_bytes_condensed']:,} bytes condensed "
+                     f"vs {c['file_bytes_bitmask']:,} as a bitmask")
     if report["calibration"]["source"] == "synthetic":
         lines.append("calibration: SYNTHETIC MLP inputs from norm2's affine parameters "
                      "(no --calib or --calib-acts); real activations give better models")
