@@ -293,3 +293,15 @@ def test_compress_refuses_global_pruning_for_srigl(compressed, capsys):
                           "--sparsifier", "srigl", "--global-pruning", *FAST])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--global-pruning" in err and len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_convert_reads_condensed_files(compressed, capsys):
+    """convert .npz -> .safetensors of a condensed file: the fc weights decompress gives."""
+    from fips_ref.convert import main as convert_main, read_safetensors
+    tmp, files = compressed
+    st, dense = tmp / "nm.safetensors", tmp / "nm.dense2.npz"
+    assert convert_main([str(files["nm"]), str(st)]) == 0
+    assert decompress_main([str(files["nm"]), str(dense)]) == 0
+    got, d = read_safetensors(str(st))[0], np.load(dense)
+    for key in ("blocks.0.mlp.fc1.weight", "blocks.1.mlp.fc2.weight"):
+        np.testing.assert_array_equal(np.asarray(got[key]), d[key])
