@@ -73,8 +73,8 @@ def build_parser():
     a.add_argument("--gamma-sal", dest="gamma_sal", type=gamma_sal, default=d.gamma_sal,
                    help=HELP["gamma_sal"] + " (srigl only)")
     a.add_argument("--nm", type=nm_pattern, default=d.nm,
-                   help="N:M of --sparsifier nm (default 1:4, sparsity 0.75, as the N:M "
-                        "sparsifier's usual 1:4 setting; 2:4 is sparsity 0.5); sets --sparsity to 1 - N/M")
+                   help="N:M of --sparsifier nm (default 1:4: sparsity 0.75, the authors' configs' "
+                        "sparsity; 2:4 is 0.5); sets --sparsity to 1 - N/M, docs/deployment.md §2")
     a.add_argument("--group-size", type=POSITIVE_INT,
                    help="blocks per group, inside each stage (default: 4 where it divides every "
                         "stage, as DeiT-B's paper groups; otherwise the paper's groups)")
