@@ -6,6 +6,7 @@ Invariants are checked after every step through run_local_stage's callback=; dec
 products in the oracles are written here with plain NumPy, not taken from fips_ref.
 """
 import json
+import re
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from fips_ref.compress import main as compress_main
 from fips_ref.decompress import main as decompress_main
 from fips_ref.evaluate import main as evaluate_main
 from fips_ref.infer import PATHS
-from fips_ref.local_stage import FiPSConfig, run_local_stage
+from fips_ref.local_stage import FiPSConfig, plan_groups, run_local_stage
 from fips_ref.models import forward_model, prepare_model
 from fips_ref.sparsity import keep_count
 from fips_ref.structured import fan_in_axes, unit_view
@@ -51,7 +52,6 @@ def _run(cfg, seed, check, strategy="long"):
         check(state, axes[0])
         seen.append(state.step)
     axes = []
-    from fips_ref.local_stage import plan_groups
     axes.append(fan_in_axes(plan_groups(cfg, blocks, [[0, 1]])))
     r = run_local_stage(w, acts, [[0, 1]], cfg, blocks=blocks, dtype=np.float64, callback=callback,
                         errors=False)
@@ -282,7 +282,6 @@ def test_hostile_condensed_file_exits_2_with_one_line(compressed, case, tool, ca
         code = evaluate_main([str(bad), "--data", str(tmp / "data.npz")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
-    import re
     assert re.search(match, err), err
 
 
