@@ -91,7 +91,7 @@ def plan_groups(cfg, blocks, groups):
     """The groups with their ranks from the budget (docs/authors-code.md §2); InputError if a rank is < 1."""
     rank_sparsity = 0.0 if cfg.sparsifier == "dense" else cfg.sparsity   # B12: dense keeps the budget
     plan = build_groups(blocks, groups, budget=cfg.budget, sparsity=rank_sparsity,
-                        strategy=cfg.strategy, round_to=cfg.round_to or None)
+                       strategy=cfg.strategy, round_to=cfg.round_to or None)
     check_structured(cfg, plan)                  # srigl / nm / set constant (docs/deployment.md §6)
     return plan
 

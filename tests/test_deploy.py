@@ -86,6 +86,8 @@ def test_constant_fan_in_exact_k_after_every_update(seed, s, sparsifier, gamma, 
                 assert active.size == units and k == target // units
             else:                                                            # k' = min(fan_in, target // A)
                 assert k == min(fan_in, target // active.size)
+                if k < fan_in:                   # ablation keeps the layer's count, up to < 1 per unit
+                    assert target - active.size < int(m.sum()) <= target
     _run(cfg, seed, check, strategy)
 
 
