@@ -122,7 +122,9 @@ def main(argv=None):
     bw = bandwidth(np)
     print(f"# {' '.join(sys.argv)}\n# numpy {np.__version__}, cores {os.cpu_count()}, "
           f"BLAS threads env {os.environ.get('OPENBLAS_NUM_THREADS', 'default')}, "
-          f"memory bandwidth {bw / 1e9:.1f} GB/s, copies {args.copies}")
+          f"memory bandwidth {bw / 1e9:.1f} GB/s, copies {args.copies}, "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     cost = calibrate() if args.cost == "calibrate" else CostModel()
     print(f"# cost model ({args.cost}): {cost}")
     dense = dense_copies(np, rng, args.copies)
@@ -140,6 +142,7 @@ def main(argv=None):
                             mlp_forward=lambda x, a, b, path: mlp_forward(x, a, b, path, cost),
                             path_macs=path_macs, dense_mlp=dense_mlp))
         del fips
+    print(f"\n# load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 def run_tokens(np, args, m, dense, fips, bw, dense_bytes, fn):

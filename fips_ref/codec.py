@@ -9,16 +9,20 @@ Layout of a compressed .npz (docs/compressed-format.md):
   ``fips.values.{g}``  [nnz]        the active entries of those slices, in the same order;
   (L = 2n·cols, the width of the group's V.)
   ``config``           the original config; ``fips``  JSON metadata (groups, ranks, run).
+A group trained with srigl, nm or set --fan-in constant (format version 2) stores its V slices
+condensed instead of mask + values: ``fips.V.{g}.{j}.values/.indices[/.units]`` (codec_condensed.py).
 """
 import re
 
 import numpy as np
 
+from . import codec_condensed as cc
 from .backend import to_numpy
 from .checkpoint import InputError, check_memory
 from .sharing import Layer, layer_factors
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2           # written when a group is condensed; bitmask-only files stay version 1
+FORMAT_VERSIONS = (1, 2)     # read
 
 
 def encode(ckpt, result, meta, *, storage_dtype=np.float16):
@@ -27,28 +31,38 @@ def encode(ckpt, result, meta, *, storage_dtype=np.float16):
     Dead rank columns (U columns whose V rows have no active entry in any layer of the group)
     are dropped with their V rows: they add nothing to any weight, so this is lossless. A group's
     ``rank`` in the metadata is the stored (live) rank, ``trained_rank`` the one the budget gave.
+    Runs of srigl, nm or set --fan-in constant (``meta['config']``) store V condensed; N:M
+    groups keep every rank column (dropping one would shift the groups of M along R).
     """
     compressed = {f"{l.key}.weight" for g in result.groups for l in g.layers}
     arrays = {k: v for k, v in ckpt.tensors.items() if k not in compressed}
     groups_meta = []
+    m = cc.condensed_m(meta.get("config") or {})
     for g in result.groups:
-        live = live_rank_columns(result, g)                                    # bool [R]
+        live = live_rank_columns(result, g) if not m else np.ones(g.rank, dtype=bool)   # bool [R]
         masks = [_layer_mask(result, l)[live] for l in g.layers]              # [R_live, cols]
-        values = [to_numpy(result.params[f"{l.key}.V"])[live][m] for l, m in zip(g.layers, masks)]
         U = to_numpy(result.params[f"U.{g.index}"])[:, live]                  # [rows, R_live]
         arrays[f"fips.U.{g.index}"] = U.astype(storage_dtype)
-        arrays[f"fips.mask.{g.index}"] = np.packbits(np.concatenate([m.ravel() for m in masks]))
-        arrays[f"fips.values.{g.index}"] = np.concatenate(values).astype(storage_dtype)
+        if m is None:
+            values = [to_numpy(result.params[f"{l.key}.V"])[live][mk] for l, mk in zip(g.layers, masks)]
+            arrays[f"fips.mask.{g.index}"] = np.packbits(np.concatenate([mk.ravel() for mk in masks]))
+            arrays[f"fips.values.{g.index}"] = np.concatenate(values).astype(storage_dtype)
+            layout = [{}] * len(g.layers)
+        else:
+            slices = [to_numpy(result.params[f"{l.key}.V"])[live] for l in g.layers]
+            cond, layout = cc.encode_group(g.index, masks, slices, g.layers, m, storage_dtype)
+            arrays.update(cond)
         for l in g.layers:
             bias = f"{l.key}.bias"
             arrays[bias] = to_numpy(result.params[bias]).astype(ckpt.tensors[bias].dtype)
         groups_meta.append({
             "index": g.index, "blocks": list(g.blocks), "rows": g.rows, "cols": g.cols,
             "rank": int(live.sum()), "trained_rank": g.rank,
+            **({} if m is None else {"layout": "condensed"}),
             "layers": [{"key": l.key, "block": l.block, "basis_first": l.basis_first,
-                        "nnz": int(m.sum())} for l, m in zip(g.layers, masks)]})
-    meta = dict(meta, format_version=FORMAT_VERSION, storage_dtype=np.dtype(storage_dtype).name,
-                groups=groups_meta)
+                        "nnz": int(mk.sum()), **extra} for l, mk, extra in zip(g.layers, masks, layout)]})
+    meta = dict(meta, format_version=1 if m is None else FORMAT_VERSION,
+                storage_dtype=np.dtype(storage_dtype).name, groups=groups_meta)
     return arrays, meta
 
 
@@ -93,18 +107,18 @@ def validate_compressed(ckpt):
     if "fips" not in ckpt.extra:
         raise InputError(f"{path}: not a compressed checkpoint (no 'fips' entry)")
     meta = parse_json_entry(path, ckpt.extra, "fips")
-    if meta.get("format_version") != FORMAT_VERSION or not isinstance(meta.get("groups"), list):
+    version = meta.get("format_version")
+    if version not in FORMAT_VERSIONS or isinstance(version, bool) or not isinstance(meta.get("groups"), list):
         raise InputError(f"{path}: key 'fips' has an unsupported format "
-                         f"(version {meta.get('format_version')!r}, expected {FORMAT_VERSION})")
+                         f"(version {str(version)[:20]!r}, expected one of {FORMAT_VERSIONS})")
     prefixes = {p: i for i, (p, _) in enumerate(block_prefixes(ckpt.config))}
     run = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-    indices, keys = set(), set()
+    indices, keys, referenced = set(), set(), set()
     for g in meta["groups"]:
         _check_group_fields(path, g, indices)
         for layer in _check_layers(path, g, prefixes, keys):
             _check_orientation(ckpt, g, layer, run.get("concat"))
-        _check_group_arrays(ckpt, g)
-    referenced = {f"fips.{kind}.{g['index']}" for g in meta["groups"] for kind in ("U", "mask", "values")}
+        referenced |= _check_group_arrays(ckpt, g, version)
     for k in ckpt.tensors:
         if k.startswith("fips.") and k not in referenced:
             raise InputError(f"{path}: key {k!r} belongs to no group of the 'fips' metadata")
@@ -191,13 +205,20 @@ def _check_orientation(ckpt, g, layer, concat):
                             f"group's shared U (concat {concat!r})")
 
 
-def _check_group_arrays(ckpt, g):
-    """U, mask and values of one group against its metadata."""
+def _check_group_arrays(ckpt, g, version):
+    """U, and mask and values or the condensed arrays, of one group against its metadata;
+    returns the keys of the group's arrays."""
     path, i = ckpt.path, g["index"]
-    U, mask, values = (_get(ckpt, f"fips.{k}.{i}") for k in ("U", "mask", "values"))
-    if U.dtype.kind != "f" or U.shape != (g["rows"], g["rank"]):
+    U = _get(ckpt, f"fips.U.{i}")
+    if U.ndim != 2 or U.dtype.kind != "f" or U.shape != (g["rows"], g["rank"]):
         raise InputError(f"{path}: key 'fips.U.{i}' is {U.shape} {U.dtype}, expected "
                          f"[{g['rows']}, {g['rank']}] real floats")
+    layout = g.get("layout", "bitmask")
+    if layout not in ("bitmask", "condensed") or (layout == "condensed" and version < 2):
+        raise _bad(path, g, f"'layout' {str(layout)[:20]!r} is not 'bitmask' or (format 2) 'condensed'")
+    if layout == "condensed":
+        return {f"fips.U.{i}", *cc.check_group(ckpt, g)}
+    mask, values = (_get(ckpt, f"fips.{k}.{i}") for k in ("mask", "values"))
     counts = _mask_counts(path, i, mask, len(g["layers"]), g["rank"] * g["cols"])
     if values.ndim != 1 or values.dtype.kind != "f" or values.size != sum(counts):
         raise InputError(f"{path}: key 'fips.values.{i}' is {values.shape} {values.dtype}, "
@@ -206,6 +227,10 @@ def _check_group_arrays(ckpt, g):
         if layer["nnz"] != c:
             raise InputError(f"{path}: key 'fips' says layer {layer['key']!r} has nnz "
                              f"{layer['nnz']}, its mask has {c}")
+        if layer.get("layout", "bitmask") != "bitmask":
+            raise InputError(f"{path}: key 'fips' layer {layer['key']!r} is {str(layer['layout'])[:20]!r} "
+                             "in a bitmask group")
+    return {f"fips.{k}.{i}" for k in ("U", "mask", "values")}
 
 
 def _get(ckpt, key):
@@ -233,26 +258,44 @@ def _mask_bits(mask, total):  # uint8 [⌈total/8⌉] or bool [total] -> bool [t
 
 
 def group_factors(ckpt, g):
-    """(U [rows, R], [V_j [R, cols]], [Layer]) of one validated group entry, as float32 NumPy."""
+    """(U [rows, R], [V_j [R, cols]], [Layer]) of one validated group entry, as float32 NumPy
+    (V_j dense, zeros off the mask, from either layout)."""
     U = ckpt.tensors[f"fips.U.{g['index']}"].astype(np.float32)
+    layers = [Layer(l["key"], l["block"], l["basis_first"]) for l in g["layers"]]
+    if g.get("layout") == "condensed":
+        return U, cc.decoded_slices(ckpt, g), layers
     rank, cols, n = g["rank"], g["cols"], len(g["layers"])
     mask = _mask_bits(ckpt.tensors[f"fips.mask.{g['index']}"], n * rank * cols)
     V = np.zeros((n, rank, cols), dtype=np.float32)
     V[mask.reshape(n, rank, cols)] = ckpt.tensors[f"fips.values.{g['index']}"]
-    layers = [Layer(l["key"], l["block"], l["basis_first"]) for l in g["layers"]]
     return U, list(V), layers
 
 
-def factored_mlps(ckpt, xp=np, dtype=np.float32):
-    """{block: ((A1, B1, b1), (A2, B2, b2))} of a compressed checkpoint; each fc is x @ A @ B + b."""
+def factored_mlps(ckpt, xp=np, dtype=np.float32, paths=None):
+    """{block: (fc1, fc2)} of a compressed checkpoint, each an infer.InferLayer holding the data
+    of the inference ``paths`` (None: every path the backend offers; docs/deployment.md §3).
+    Condensed groups go to infer.prepare_condensed (no dense V unless a dense path is asked)."""
+    from .infer import default_paths, prepare_condensed, prepare_layer
+    paths = default_paths(xp) if paths is None else tuple(paths)
     out = {}
     for g in fips_meta(ckpt)["groups"]:
-        U, Vs, layers = group_factors(ckpt, g)
-        U = xp.asarray(U, dtype=dtype)
-        for layer, V in zip(layers, Vs):
-            A, B = layer_factors(U, xp.asarray(V, dtype=dtype), layer)
+        layers = [Layer(l["key"], l["block"], l["basis_first"]) for l in g["layers"]]
+        U = xp.asarray(ckpt.tensors[f"fips.U.{g['index']}"], dtype=dtype)
+        if g.get("layout") == "condensed":
+            conds = [c._replace(values=xp.asarray(c.values, dtype=dtype), indices=xp.asarray(c.indices),
+                                units=xp.asarray(c.units)) for c in cc.group_condensed(ckpt, g)]
+            made = [lambda b, c=c, l=l: prepare_condensed(U, c, b, l.basis_first, paths=paths)
+                    for c, l in zip(conds, layers)]
+        else:
+            Vs = group_factors(ckpt, g)[1]
+            bits = _mask_bits(ckpt.tensors[f"fips.mask.{g['index']}"], len(layers) * g["rank"] * g["cols"])
+            masks = bits.reshape(len(layers), g["rank"], g["cols"])               # [L, R, cols]
+            made = [lambda b, V=V, mk=mk, l=l: prepare_layer(U, xp.asarray(V, dtype=dtype), xp.asarray(mk),
+                                                             b, l.basis_first, paths=paths)
+                    for V, mk, l in zip(Vs, masks, layers)]
+        for layer, make in zip(layers, made):
             bias = xp.asarray(ckpt.tensors[f"{layer.key}.bias"], dtype=dtype)
-            out.setdefault(layer.block, []).append((A, B, bias))
+            out.setdefault(layer.block, []).append(make(bias))
     return {b: tuple(fc) for b, fc in out.items()}
 
 

@@ -24,7 +24,10 @@ from .outputs import all_or_nothing
 from .local_stage import LOSSES, FiPSConfig, config_dict, plan_groups, run_local_stage
 from .ablations import GROWTHS, INITS
 from .sharing import STRATEGIES, STRATEGY_ALIASES, check_groups, choose_groups, strategy_name
+from .sparsifiers import per_layer_only
 from .sparsity import SPARSIFIERS, density, describe
+from .codec_condensed import condensed_m, condensed_summary
+from .structured import HELP, gamma_sal, nm_pattern, nm_sparsity
 from .validate import check_steps
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
@@ -61,9 +64,18 @@ def build_parser():
     a = p.add_argument_group("FiPS (paper §3; docs/authors-code.md §1-§3)")
     a.add_argument("--budget", type=ranged(0, 1, lo_open=True), default=d.budget,
                    help="fraction of MLP weights kept (U + nnz V); paper §3, rank formula docs/authors-code.md §2")
-    a.add_argument("--sparsity", type=ranged(0, 1, hi_open=True), default=d.sparsity, help="target sparsity of V (authors' configs: 0.75, docs/authors-code.md §2, §5)")
+    a.add_argument("--sparsity", type=ranged(0, 1, hi_open=True), help="target sparsity of V (default 0.75: authors' configs, docs/authors-code.md §2, §5; with --sparsifier nm: 1 - N/M)")
     a.add_argument("--sparsifier", choices=SPARSIFIERS, default=d.sparsifier,
-                   help="static, gmp, rigl: docs/authors-code.md §5.2, §5.3, §5.5; gmp is the paper's final recipe (§4)")
+                   help="static, gmp, rigl: docs/authors-code.md §5.2, §5.3, §5.5; gmp is the paper's final "
+                        "recipe (§4). set, srigl, nm: docs/deployment.md §2 (stored condensed). "
+                        + " ".join(f"{k}: {HELP[k]}." for k in ("set", "srigl", "nm")))
+    a.add_argument("--fan-in", dest="fan_in", choices=("any", "constant"), default=d.fan_in,
+                   help=f"with --sparsifier set (default any: unstructured, as SET). {HELP['fan_in']}")
+    a.add_argument("--gamma-sal", dest="gamma_sal", type=gamma_sal, default=d.gamma_sal,
+                   help=HELP["gamma_sal"] + " (srigl only)")
+    a.add_argument("--nm", type=nm_pattern, default=d.nm,
+                   help="N:M of --sparsifier nm (default 1:4: sparsity 0.75, the authors' configs' "
+                        "sparsity; 2:4 is 0.5); sets --sparsity to 1 - N/M, docs/deployment.md §2")
     a.add_argument("--group-size", type=POSITIVE_INT,
                    help="blocks per group, inside each stage (default: 4 where it divides every "
                         "stage, as DeiT-B's paper groups; otherwise the paper's groups)")
@@ -93,8 +105,10 @@ def build_parser():
                    help="mlp: error of each block's MLP output (authors' code, docs/authors-code.md "
                         "§4.3); fc: paper Eq. (1), each fc layer on its own original input")
     g = a.add_mutually_exclusive_group()
-    g.add_argument("--global-pruning", dest="global_pruning", action="store_true", default=True,
-                   help="one magnitude threshold over every V (every vision config, docs/authors-code.md §5.4)")
+    g.add_argument("--global-pruning", dest="global_pruning", action="store_true", default=None,
+                   help="one magnitude threshold over every V (default, every vision config, docs/authors-code.md "
+                        "§5.4); not for srigl, nm, set --fan-in constant: constant fan-in and N:M are per "
+                        "layer, so those default to --uniform-pruning")
     g.add_argument("--uniform-pruning", dest="global_pruning", action="store_false",
                    help="per-layer threshold (the paper's 'local pruning')")
     t = p.add_argument_group("optimisation (docs/authors-code.md §4.4, §5)")
@@ -136,8 +150,17 @@ def build_parser():
 
 
 def fips_config(args):
-    """FiPSConfig from parsed flags: every field from the flag of the same name (--concat sets strategy)."""
+    """FiPSConfig from parsed flags: every field from the flag of the same name (--concat sets strategy).
+
+    Flags left at None get their structure-aware default: --sparsity 1 - N/M for nm, else 0.75;
+    pruning per layer for the per-layer-only sparsifiers (srigl, nm, set --fan-in constant), else global.
+    """
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(FiPSConfig) if hasattr(args, f.name)}
+    if values.get("sparsity", 0) is None:
+        nm = values.get("nm", FiPSConfig.nm)
+        values["sparsity"] = nm_sparsity(*nm) if values.get("sparsifier") == "nm" else FiPSConfig.sparsity
+    if values.get("global_pruning", 0) is None:
+        values["global_pruning"] = not per_layer_only(FiPSConfig(**{**values, "global_pruning": True}))
     return FiPSConfig(**values, strategy=strategy_name(args.concat))
 
 
@@ -223,9 +246,10 @@ def _group_nnz(result, g):
                for l in g.layers)
 
 
-def storage_summary(result, arrays, original_numel, value_bits):
+def storage_summary(result, arrays, original_numel, value_bits, cfg=None):
     """Paper §3 bits (16-bit values + 1 mask bit per V entry), at the trained and at the stored
-    (live) rank, next to the bits actually written."""
+    (live) rank, next to the bits actually written; for a condensed run (``cfg``: srigl, nm,
+    set --fan-in constant) also the variant with index bits (condensed_summary)."""
     paper = paper_stored = written_formula = 0
     for g in result.groups:
         nnz, live = _group_nnz(result, g), int(live_rank_columns(result, g).sum())
@@ -235,10 +259,13 @@ def storage_summary(result, arrays, original_numel, value_bits):
         written_formula += storage_bits(g.rows, live, cols, nnz, value_bits)
     written = sum(a.nbytes * 8 for k, a in arrays.items() if k.startswith("fips."))
     orig16 = 16 * original_numel
-    return {"paper_bits": paper, "original_bits_16": orig16, "paper_ratio": paper / orig16,
-            "paper_bits_stored": paper_stored, "paper_ratio_stored": paper_stored / orig16,
-            "formula_bits_at_storage_dtype": written_formula, "written_bits": written,
-            "written_ratio_vs_original_16bit": written / orig16}
+    out = {"paper_bits": paper, "original_bits_16": orig16, "paper_ratio": paper / orig16,
+           "paper_bits_stored": paper_stored, "paper_ratio_stored": paper_stored / orig16,
+           "formula_bits_at_storage_dtype": written_formula, "written_bits": written,
+           "written_ratio_vs_original_16bit": written / orig16}
+    if cfg is not None and condensed_m(config_dict(cfg)) is not None:
+        out["condensed"] = condensed_summary(result, arrays, condensed_m(config_dict(cfg)))
+    return out
 
 
 def build_report(args, cfg, ckpt, blocks, result, arrays, calib, out_path, xp, seconds, accuracy,
@@ -262,7 +289,7 @@ def build_report(args, cfg, ckpt, blocks, result, arrays, calib, out_path, xp, s
         "params": {"mlp_original": original, "mlp_kept": kept, "achieved_budget": kept / original,
                    "mlp_kept_stored": stored, "achieved_budget_stored": stored / original,
                    "target_budget": args.budget, "v_density": density(result.masks)},
-        "storage": dict(storage_summary(result, arrays, original, value_bits),
+        "storage": dict(storage_summary(result, arrays, original, value_bits, cfg),
                         file_bytes=os.path.getsize(written or out_path),
                         original_file_bytes=os.path.getsize(ckpt.path)),
         "history": result.history, "wall_seconds": seconds, "peak_device_bytes": peak_device_bytes(xp),
@@ -359,6 +386,12 @@ def summary(report, report_path=None):
              f"storage ratio (paper §3, 16-bit): {s['paper_ratio']:.4f}; file {s['file_bytes']:,} bytes "
              f"vs original {s['original_file_bytes']:,}",
              f"wall time {report['wall_seconds']:.1f} s"]
+    if "condensed" in s:
+        c = s["condensed"]
+        lines.append(f"condensed V: paper §3 {c['bits_bitmask']:,} bits with a bitmask, "
+                     f"{c['bits_indexed_packed']:,} with packed index bits, {c['bits_indexed_dtype']:,} "
+                     f"at the stored index dtypes; arrays {c['file_bytes_condensed']:,} bytes condensed "
+                     f"vs {c['file_bytes_bitmask']:,} as a bitmask")
     if report["calibration"]["source"] == "synthetic":
         lines.append("calibration: SYNTHETIC MLP inputs from norm2's affine parameters "
                      "(no --calib or --calib-acts); real activations give better models")

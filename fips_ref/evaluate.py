@@ -21,6 +21,7 @@ from .checkpoint import InputError, load_checkpoint, load_npz, save_json_atomic
 from .cli import POSITIVE_INT, OneLineParser, check_paths, parse, ranged, run_cli
 from .validate import MAX_SIDE, check_memory, finite_or_error
 from .images import IMAGENET_MEAN, IMAGENET_STD, iter_image_batches, list_images
+from .infer import PATHS
 from .timm_configs import default_crop_pct
 
 
@@ -74,10 +75,12 @@ def mean_kl(ref_logits, logits):  # [N, K], [N, K] -> float
     return float(np.mean(kl_per_sample(ref_logits, logits)))
 
 
-def _predictor(ckpt, *, batch_size, dtype, xp):
-    """Prepare the model once (weights to xp, compressed MLPs factored); returns x -> logits."""
+def _predictor(ckpt, *, batch_size, dtype, xp, path=None, cost=None):
+    """Prepare the model once (weights to xp, compressed MLPs factored); returns x -> logits.
+    ``path``, ``cost``: the compressed MLPs' inference path (None: per batch by ``cost``)."""
     from .models import forward_model, prepare_model
-    model = prepare_model(ckpt, dtype=dtype, xp=xp)
+    extra = {k: v for k, v in (("mlp_path", path), ("cost", cost)) if v is not None}
+    model = prepare_model(ckpt, dtype=dtype, xp=xp, **extra)
     check_memory(forward_bytes(model, batch_size), f"{ckpt.path}: the forward of one batch of "
                  f"{batch_size} images", "--batch-size")
 
@@ -122,7 +125,7 @@ def _check_labels(labels, num_classes, where=""):
 
 
 def evaluate(ckpt, images_or_batches, labels=None, *, reference=None, batch_size=64, dtype=None,
-             xp=None):
+             xp=None, path=None, cost=None):
     """Run the model (and the reference) over images and return the metrics.
 
     Parameters
@@ -135,6 +138,9 @@ def evaluate(ckpt, images_or_batches, labels=None, *, reference=None, batch_size
         as ``images.iter_image_batches`` yields; ``kept`` indexes ``labels``.
     labels : int array [N] or None
         Class indices; without them only the agreement metrics are computed.
+    path : one of infer.PATHS, or None
+        Inference path of the compressed MLPs (docs/deployment.md §3); None chooses per batch
+        size by ``cost`` (an infer.CostModel; None: its defaults).
 
     Returns
     -------
@@ -142,7 +148,7 @@ def evaluate(ckpt, images_or_batches, labels=None, *, reference=None, batch_size
         num_images, and as applicable top1, top5 (K >= 5), reference_top1, reference_top5,
         agreement, mean_kl (fractions in [0, 1]; KL in nats).
     """
-    predict = _predictor(ckpt, batch_size=batch_size, dtype=dtype, xp=xp)
+    predict = _predictor(ckpt, batch_size=batch_size, dtype=dtype, xp=xp, path=path, cost=cost)
     predict_ref = None if reference is None else _predictor(reference, batch_size=batch_size,
                                                             dtype=dtype, xp=xp)
     labels = None if labels is None else np.asarray(labels, dtype=np.int64)
@@ -214,6 +220,11 @@ def build_parser():
                         "crop (default: the model's timm pretrained crop_pct, 0.9 for every "
                         "DeiT/ViT/Swin in fips_ref.timm_configs; 0.875 when the model is "
                         "unknown. 0.875 = Resize 256 -> CenterCrop 224, the FiPS test transform)")
+    p.add_argument("--path", choices=("auto",) + PATHS, default="auto",
+                   help="inference path of a compressed checkpoint's MLPs (docs/deployment.md §3): "
+                        "materialised W = U·V, lowrank (x·U)·V, gather (condensed V), csr (SciPy, "
+                        "NumPy only); default auto: per batch size the cheapest under a cost model "
+                        "measured once at start-up (NumPy; CuPy: the default model, no csr)")
     p.add_argument("--limit", type=POSITIVE_INT, default=None,
                    help="evaluate N images spread evenly over the data "
                         "(indices floor(i * total / N))")
@@ -331,13 +342,27 @@ def run(args):
     images, labels, total, crop_pct = eval_data(
         args.data, ckpt, batch_size=args.batch_size, class_map=args.class_map, limit=args.limit,
         img_size=args.img_size, crop_pct=args.crop_pct, skip_bad=args.skip_bad_images)
+    path, cost = inference_path(args.path, xp, ckpt)
     start = time.perf_counter()
     result = evaluate(ckpt, images, labels, reference=reference, batch_size=args.batch_size,
-                      dtype=None if args.dtype is None else np.dtype(args.dtype), xp=xp)
+                      dtype=None if args.dtype is None else np.dtype(args.dtype), xp=xp,
+                      path=path, cost=cost)
     return {"checkpoint": args.checkpoint, "reference": args.reference, "data": args.data,
             **result, "num_skipped": total - result["num_images"], "img_size": shape[1],
             "crop_pct": crop_pct, "backend": "numpy" if xp is np else "cupy",
-            "dtype": args.dtype, "seconds": round(time.perf_counter() - start, 3)}
+            "dtype": args.dtype, "path": args.path, "seconds": round(time.perf_counter() - start, 3)}
+
+
+def inference_path(name, xp, ckpt):
+    """(path or None, CostModel or None) for --path; auto calibrates once, on NumPy only."""
+    from .infer import CostModel, calibrate
+    if name == "csr" and xp is not np:
+        raise InputError("--path csr: needs --backend numpy (SciPy sparse matrices live on the host)")
+    if name != "auto":
+        return name, None
+    if "fips" not in ckpt.extra:                   # an original checkpoint: no compressed MLP
+        return None, None
+    return None, (calibrate() if xp is np else CostModel())
 
 
 def format_table(result):

@@ -141,6 +141,12 @@ def _pool(n):
     return _POOLS[n]
 
 
+def layer_dims(f):  # -> (in, out)
+    """Input and output width of a prepared layer: (rows, cols) basis-first, else (cols, rows)."""
+    rows = f.U.shape[0]
+    return (rows, f.cols) if f.basis_first else (f.cols, rows)
+
+
 # ----------------------------------------------------------------------------- MACs (paper §3)
 def macs_dense(m, rows, cols):
     """Original layer, one [M, D] @ [D, F] (either orientation): M·D·F."""

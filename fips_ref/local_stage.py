@@ -28,8 +28,9 @@ from .mlp import dense_mlp, lowrank_mlp
 from .ablations import check_ablation_options, expand_grid, fold_scaling, m_key, scaled_v, scaling_grads
 from .initialisation import init_factors
 from .sharing import GRID_STRATEGIES, build_groups, layer_factors, v_param
-from .sparsifiers import (Schedule, check_gmp_levels, resolve_schedule, rigl_gradients,  # noqa: F401
-                          sparsifier_masks, sparsifier_step)
+from .sparsifiers import (Schedule, check_gmp_levels, check_structured, nm_step_masks,  # noqa: F401
+                          resolve_schedule, rigl_gradients, set_rng, sparsifier_masks,
+                          sparsifier_step, srste_grads)
 from .sparsity import SPARSIFIERS, density
 
 LOSSES = ("mlp", "fc")       # authors' code (block/MLP output) | paper Eq. (1) (each fc layer)
@@ -40,7 +41,7 @@ class FiPSConfig:
     """Every hyper-parameter of the local stage; defaults are the authors' unless noted (docs/options.md)."""
     budget: float = 0.5
     sparsity: float = 0.75
-    sparsifier: str = "gmp"            # dense | static | gmp | rigl
+    sparsifier: str = "gmp"            # dense | static | gmp | rigl | set | srigl | nm
     strategy: str = "long"             # long (authors) | short | by-type (II) | by-block (III)
     tau: float = 32.0
     round_to: int = 0                  # 0: no rounding of the rank (vision configs)
@@ -68,7 +69,7 @@ class FiPSConfig:
     # paper §5 ablations (fips_ref/ablations.py): DoRA-style magnitudes; rank growth beyond the width
     scaling_vectors: bool = False      # paper §5 "scaling vectors"; authors: off
     growth: str = "hybrid"             # hybrid (authors' code) | random | split (paper §5)
-    # issue 11 (docs/deployment.md, not yet wired): structured sparsifiers on V
+    # issue 11 (docs/deployment.md): structured sparsifiers on V; srigl, nm need global_pruning False
     fan_in: str = "any"                # any | constant (set; srigl is always constant)
     gamma_sal: float = 0.3             # SRigL neuron-ablation threshold γ_sal; None: no ablation
     nm: tuple = (1, 4)                 # N:M groups of the nm sparsifier
@@ -92,8 +93,10 @@ def plan_groups(cfg, blocks, groups):
     """The groups with their ranks from the budget (docs/authors-code.md §2); InputError if a rank is < 1."""
     check_ablation_options(cfg)                  # option combinations, before any work (ablations.py)
     rank_sparsity = 0.0 if cfg.sparsifier == "dense" else cfg.sparsity   # B12: dense keeps the budget
-    return build_groups(blocks, groups, budget=cfg.budget, sparsity=rank_sparsity,
-                        strategy=cfg.strategy, round_to=cfg.round_to or None)
+    plan = build_groups(blocks, groups, budget=cfg.budget, sparsity=rank_sparsity,
+                       strategy=cfg.strategy, round_to=cfg.round_to or None)
+    check_structured(cfg, plan)                  # srigl / nm / set constant (docs/deployment.md §6)
+    return plan
 
 
 def dense_weights(weights, blocks, *, xp, dtype):
@@ -227,12 +230,13 @@ def relative_errors(params, masks, groups, dense, acts, *, xp, dtype, targets=No
 # ----------------------------------------------------------------------------- one step
 @dataclass
 class TrainState:
-    """Everything one step changes: parameters, masks, AdamW moments, RigL's gradient sum."""
+    """Everything one step changes: parameters, masks, AdamW moments, RigL's gradient sum, SET's rng."""
     params: dict                   # 'U.{g}' [rows, R]; '{layer}.V' [R, cols]; '{layer}.bias'
     masks: dict                    # '{layer}.V' -> bool [R, cols]; empty for the dense sparsifier
     adam: AdamWState
     rigl_sum: dict = field(default_factory=dict, repr=False)
     step: int = 0                  # steps taken
+    rng: object = field(default=None, repr=False)   # SET's np.random.Generator (set_rng), made at step 1
 
 
 def local_step(state, cfg, sched, plan, inputs, targets, gammas):
@@ -242,13 +246,22 @@ def local_step(state, cfg, sched, plan, inputs, targets, gammas):
     and returns (loss, lr used); the loss stays on the backend (no device sync).
     """
     state.step += 1
+    if state.rng is None and cfg.sparsifier == "set":
+        state.rng = set_rng(cfg)
+    if cfg.sparsifier == "nm":                   # N:M by magnitude before every forward (SR-STE)
+        state.masks = nm_step_masks(cfg, state.params, plan)
     loss, grads = loss_and_grads(state.params, state.masks, plan, inputs, targets, gammas, cfg.loss)
     dense_grads = rigl_gradients(cfg, sched, state.step, grads, state.masks, state.rigl_sum)
     old_masks = state.masks
-    state.masks = sparsifier_step(cfg, sched, state.step, state.params, old_masks, dense_grads)
+    state.masks = sparsifier_step(cfg, sched, state.step, state.params, old_masks, dense_grads,
+                                  plan=plan, rng=state.rng)
+    grad_masks, moment_masks = old_masks, state.masks
+    if cfg.sparsifier == "nm":                   # SR-STE trains every entry (Zhou et al. 2021)
+        srste_grads(grads, state.params, state.masks)
+        grad_masks = moment_masks = None
     lr = cosine_lr(state.step - 1, lr=cfg.lr, eta_min=cfg.eta_min, t_max=sched.total_steps)
     adamw_step(state.params, grads, state.adam, lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-               weight_decay=cfg.weight_decay, grad_masks=old_masks, moment_masks=state.masks)
+               weight_decay=cfg.weight_decay, grad_masks=grad_masks, moment_masks=moment_masks)
     return loss, lr
 
 
@@ -310,7 +323,7 @@ def run_local_stage(weights, acts, groups, cfg=FiPSConfig(), *, blocks, batch_or
     plan = plan_groups(cfg, blocks, groups)
     params = init_factors(weights, plan, xp=xp, dtype=dtype, tau=cfg.tau, init=cfg.init, growth=cfg.growth,
                           scaling_vectors=cfg.scaling_vectors, seed=cfg.seed)
-    masks = sparsifier_masks(cfg, sched, {k: v for k, v in params.items() if k.endswith(".V")})
+    masks = sparsifier_masks(cfg, sched, {k: v for k, v in params.items() if k.endswith(".V")}, plan)
     closed_form = cfg.init == "whitened" or cfg.solver != "adam"  # issue-10 options, off by default
     if closed_form:
         from .als import closed_form_start

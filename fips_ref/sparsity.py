@@ -10,7 +10,8 @@ import math
 
 from .backend import get_xp
 
-SPARSIFIERS = ("dense", "static", "gmp", "rigl")
+PAPER_SPARSIFIERS = ("dense", "static", "gmp", "rigl")            # paper §5, Table 3
+SPARSIFIERS = PAPER_SPARSIFIERS + ("set", "srigl", "nm")           # the last three: structured.py
 
 
 # ----------------------------------------------------------------------------- schedules

@@ -13,6 +13,8 @@ own [R, cols] orientation. Selections are exact: the k largest scores of a unit 
 group) are kept and equal scores go to the lower fan-in index. Nothing mutates its inputs.
 Random draws use an explicit ``np.random.Generator`` on the host (backend.py).
 """
+import argparse
+
 import numpy as np
 
 from .backend import get_xp
@@ -30,6 +32,30 @@ HELP = {
               "constant fan-in fixes each layer's count, so it cannot be allocated globally",
     "gamma_sal": "SRigL's saliency threshold γ_sal (default 0.3, sparsimony's); 'none' disables ablation",
 }
+
+
+def nm_pattern(text):
+    """argparse type of --nm N:M: (n, m) with 1 <= N < M <= 256."""
+    try:
+        n, m = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N:M such as 1:4, got {text!r}") from None
+    if not 1 <= n < m <= 256:
+        raise argparse.ArgumentTypeError(f"needs 1 <= N < M <= 256, got {text!r}")
+    return (n, m)
+
+
+def gamma_sal(text):
+    """argparse type of --gamma-sal: a number in [0, 1], or 'none' (no ablation)."""
+    if text.lower() == "none":
+        return None
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number or 'none': {text!r}") from None
+    if not 0.0 <= x <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is outside [0, 1]")
+    return x
 
 
 # ----------------------------------------------------------------------------- views and ranks

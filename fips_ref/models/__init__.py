@@ -18,7 +18,8 @@ from ..checkpoint import Checkpoint, InputError, load_checkpoint, refuse_undecla
 from . import swin, vit
 from .grad import model_vjp, vjp
 from .layers import (Model, check_shapes, dense_mlp_fn, dense_mlp_keys,
-                     dense_mlp_shapes, factored_mlp_fn, math_layout, refuse_keys, tapped)
+                     dense_mlp_shapes, factored_dims, factored_mlp_fn, math_layout, refuse_keys,
+                     tapped)
 
 ARCHS = {"vit": vit, "swin": swin}
 DTYPES = (np.float32, np.float64)
@@ -55,8 +56,10 @@ def forward(checkpoint, images, *, batch_size=64, record_mlp_inputs=False,
                          record_mlp_inputs=record_mlp_inputs, on_mlp_input=on_mlp_input)
 
 
-def prepare_model(checkpoint, *, dtype=None, xp=None):
-    """Parse the config, shape-check every tensor, move weights to xp in math layout, build MLPs."""
+def prepare_model(checkpoint, *, dtype=None, xp=None, mlp_path=None, cost=None):
+    """Parse the config, shape-check every tensor, move weights to xp in math layout, build MLPs.
+    ``mlp_path``, ``cost``: the compressed MLPs' inference path (None: per batch, infer.choose_path
+    under the infer.CostModel ``cost``; docs/deployment.md §3)."""
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     xp = load_backend(xp) if xp is None or isinstance(xp, str) else xp
     dtype = resolve_dtype(dtype)
@@ -73,7 +76,7 @@ def prepare_model(checkpoint, *, dtype=None, xp=None):
         vit.check_pos_embed(ckpt.path, ckpt.tensors, cfg)
     check_shapes(ckpt.path, ckpt.tensors, shapes, optional)
     params = math_layout(ckpt.tensors, shapes, xp=xp, dtype=dtype)
-    mlps = build_mlps(ckpt, arch.blocks(cfg), params, xp=xp, dtype=dtype)
+    mlps = build_mlps(ckpt, arch.blocks(cfg), params, xp=xp, dtype=dtype, mlp_path=mlp_path, cost=cost)
     return Model(arch_name, cfg, params, mlps, xp, dtype, ckpt.path)
 
 
@@ -85,16 +88,16 @@ def resolve_dtype(dtype):
     return dt.type
 
 
-def build_mlps(ckpt, block_list, params, *, xp, dtype):
+def build_mlps(ckpt, block_list, params, *, xp, dtype, mlp_path=None, cost=None):
     """{global block index: MLP callable}: factored from the codec where compressed, else dense.
 
     Dense weights are added to ``params`` in math layout (W1 [D, F], W2 [F, D]).
     """
-    factored = _factored(ckpt, xp, dtype)
+    factored = _factored(ckpt, xp, dtype, mlp_path)
     mlps = {}
     for i, (prefix, d) in enumerate(block_list):
         if i in factored:
-            mlps[i] = _checked_factored(ckpt.path, prefix, d, factored[i])
+            mlps[i] = _checked_factored(ckpt.path, prefix, d, factored[i], mlp_path, cost)
             continue
         shapes = dense_mlp_shapes(ckpt.path, ckpt.tensors, prefix, d)
         check_shapes(ckpt.path, ckpt.tensors, shapes)
@@ -103,21 +106,22 @@ def build_mlps(ckpt, block_list, params, *, xp, dtype):
     return mlps
 
 
-def _factored(ckpt, xp, dtype):
+def _factored(ckpt, xp, dtype, mlp_path=None):
     """The codec's factored MLPs of a compressed checkpoint ({} for an original one)."""
     if "fips" not in ckpt.extra:
         return {}
     from ..codec import factored_mlps  # lazy: only compressed checkpoints need the codec
-    return factored_mlps(ckpt, xp, dtype)
+    return factored_mlps(ckpt, xp, dtype, **({} if mlp_path is None else {"paths": (mlp_path,)}))
 
 
-def _checked_factored(path, prefix, d, layers):
+def _checked_factored(path, prefix, d, layers, mlp_path=None, cost=None):
     """factored_mlp_fn after checking that fc1 reads and fc2 writes the block width d."""
-    (A1, B1, b1), (A2, B2, b2) = layers
-    if A1.shape[0] != d or B2.shape[1] != d or B1.shape[1] != A2.shape[0]:
-        raise InputError(f"{path}: factored MLP of {prefix} has shapes A1 {A1.shape}, "
-                         f"B1 {B1.shape}, A2 {A2.shape}, B2 {B2.shape}; width must be {d}")
-    return factored_mlp_fn((A1, B1, b1), (A2, B2, b2))
+    fc1, fc2 = layers
+    (i1, o1), (i2, o2) = factored_dims(fc1), factored_dims(fc2)
+    if i1 != d or o2 != d or o1 != i2:
+        raise InputError(f"{path}: factored MLP of {prefix} maps {i1} -> {o1} -> {i2} -> {o2}; "
+                         f"width must be {d}")
+    return factored_mlp_fn(fc1, fc2, mlp_path, cost)
 
 
 def check_images(model, images):

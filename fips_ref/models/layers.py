@@ -32,16 +32,29 @@ class Model(NamedTuple):
 def dense_mlp_fn(W1, b1, W2, b2):  # W1 [D, F], W2 [F, D] -> callable [..., D] -> [..., D]
     """Original timm Mlp (fc1, exact GELU, fc2) as a callable, weights in math layout."""
     def mlp(h):  # [..., D] -> [..., D]
-        return dense_mlp(h, W1, b1, W2, b2)
+        y = dense_mlp(h.reshape(-1, h.shape[-1]), W1, b1, W2, b2)   # one GEMM: NumPy's stacked
+        return y.reshape(h.shape[:-1] + (y.shape[-1],))           # [B, T, D] @ W is ~6x slower
     return mlp
 
 
-def factored_mlp_fn(fc1, fc2):  # ((A1, B1, b1), (A2, B2, b2)) -> callable [..., D] -> [..., D]
-    """Compressed MLP: each layer y = x @ A @ B + b by mlp.lowrank_forward's cheaper order."""
+def factored_mlp_fn(fc1, fc2, path=None, cost=None):  # fc1, fc2 -> callable [..., D] -> [..., D]
+    """Compressed MLP. fc1, fc2: infer.InferLayer (codec.factored_mlps) run by infer.mlp_forward,
+    each layer by ``path`` or, per batch size, the path infer.choose_path picks under ``cost``
+    (docs/deployment.md §3); or plain (A, B, b) triples, y = x @ A @ B + b, by mlp.lowrank_mlp."""
+    from ..infer import InferLayer, inference_mlp_fn
+    if isinstance(fc1, InferLayer):
+        return inference_mlp_fn(fc1, fc2, path, cost)
+
     def mlp(h):  # [..., D] -> [..., D]
         y = lowrank_mlp(h.reshape(-1, h.shape[-1]), fc1, fc2)   # [..., D] -> [M, D]
         return y.reshape(h.shape[:-1] + (y.shape[-1],))         # [M, D] -> [..., D]
     return mlp
+
+
+def factored_dims(fc):  # -> (in, out)
+    """Input and output width of a factored layer: an infer.InferLayer or an (A, B, b) triple."""
+    from ..infer import InferLayer, layer_dims
+    return layer_dims(fc) if isinstance(fc, InferLayer) else (fc[0].shape[0], fc[1].shape[1])
 
 
 def tapped(mlp, index, tap):  # callable -> callable, same shapes

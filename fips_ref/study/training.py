@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 
 from ..sharing import build_groups
-from ..sparsity import SPARSIFIERS
+from ..sparsity import PAPER_SPARSIFIERS
 from .context import consecutive_groups, measure, original_top1, run_row
 from .registry import Study, grid, spearman
 from .weights import mean_by, module_matrix, tail_energy
@@ -108,7 +108,7 @@ def measure_sparsifiers(ctx, opts, log):
     """§5, Table 3: dense, static, RigL and GMP at several budgets."""
     rows, groups = [], base_groups(ctx)
     for budget in grid(opts, (0.25, 0.5), (0.10, 0.25, 0.40, 0.50, 0.75)):
-        for sp in SPARSIFIERS:
+        for sp in PAPER_SPARSIFIERS:
             cfg = dataclasses.replace(ctx.base, budget=budget, sparsifier=sp)
             m = measure(ctx, cfg, groups, log=log)
             rows.append(run_row(ctx, cfg, groups, m, original_top1=original_top1(ctx)))
