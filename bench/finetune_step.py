@@ -404,31 +404,36 @@ def main(argv=None):
     ts = TorchStep(pb, device, args.torch_attention) if torch is not None else None
     if ts is not None:
         check_equivalence(pb, ts)
-    fsec, tsec = [], []
+    fsec, tsec, fcpu, tcpu = [], [], [], []
     for r in range(args.warmup + args.repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fips_step(pb)
         synchronize(xp)
-        f = time.perf_counter() - t
+        f, fc = time.perf_counter() - t, time.process_time() - c
         if ts is not None:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             ts.step()
             ts.sync()
-            tt = time.perf_counter() - t
+            tt, tc = time.perf_counter() - t, time.process_time() - c
         if r >= args.warmup:
             fsec.append(f)
+            fcpu.append(fc)
             if ts is not None:
                 tsec.append(tt)
-                print(f"  repeat {r - args.warmup}: fips_ref {f:.3f} s, torch {tt:.3f} s, "
-                      f"ratio {f / tt:.2f}")
+                tcpu.append(tc)
+                print(f"  repeat {r - args.warmup}: fips_ref {f:.3f} s (cpu {fc:.2f} s), torch "
+                      f"{tt:.3f} s (cpu {tc:.2f} s), ratio {f / tt:.2f} (cpu {fc / tc:.2f})")
             else:
-                print(f"  repeat {r - args.warmup}: fips_ref {f:.3f} s")
+                print(f"  repeat {r - args.warmup}: fips_ref {f:.3f} s (cpu {fc:.2f} s)")
     print(f"fips_ref step: median {median(fsec):.3f} s, best {min(fsec):.3f} s")
     if tsec:
         ratios = [a / b for a, b in zip(fsec, tsec)]
         print(f"torch step:    median {median(tsec):.3f} s, best {min(tsec):.3f} s")
         print("ratio per repeat: " + ", ".join(f"{x:.2f}" for x in ratios)
               + f"; median {median(ratios):.2f} (target <= 1.5)")
+        cpu = [a / b for a, b in zip(fcpu, tcpu)]
+        print("process-CPU-time ratio per repeat: " + ", ".join(f"{x:.2f}" for x in cpu)
+              + f"; median {median(cpu):.2f}")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     if args.profile:
         profile(pb)
