@@ -74,7 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--memory", choices=("on", "off"), default="on",
                    help="peak RSS of each side in a subprocess")
     p.add_argument("--memory-steps", type=int, default=2)
-    p.add_argument("--profile", action="store_true", help="cProfile one fips_ref step")
+    p.add_argument("--profile", action="store_true",
+                   help="cProfile one fips_ref step (process CPU time, all threads summed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory-side", choices=("numpy", "torch"), default=None,
                    help=argparse.SUPPRESS)     # internal: the per-side memory subprocess
@@ -449,7 +450,7 @@ def main(argv=None):
 def profile(pb):
     import cProfile
     import pstats
-    prof = cProfile.Profile()
+    prof = cProfile.Profile(time.process_time)       # CPU seconds: steadier on shared cores
     prof.enable()
     fips_step(pb)
     prof.disable()

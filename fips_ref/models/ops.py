@@ -17,7 +17,9 @@ from ..backend import get_xp
 def linear_forward(x, W, b=None):  # [..., in] -> [..., out]
     """nn.Linear with W in math layout [in, out]; b may be None (bias=False). Cache: x."""
     y = x @ W                                            # [..., in] -> [..., out]
-    return (y if b is None else y + b), x
+    if b is not None:
+        y += b                                           # in place: y is ours
+    return y, x
 
 
 def linear_backward(dy, x, W, need_dx=True, has_bias=True):  # [..., out] -> ([..., in], dW, db)
@@ -45,21 +47,27 @@ class NormCache(NamedTuple):
 def layer_norm_forward(x, w, b, eps):  # [..., D] -> [..., D]
     """torch.nn.LayerNorm: biased variance, eps inside the square root (timm norm_layer)."""
     xp = get_xp(x)
-    mu = x.mean(axis=-1, keepdims=True)                  # [..., D] -> [..., 1]
-    xc = x - mu
-    var = (xc ** 2).mean(axis=-1, keepdims=True)         # [..., D] -> [..., 1]
-    std = xp.sqrt(var + eps)
-    xhat = xc / std
-    return xhat * w + b, NormCache(xhat, 1 / std, w)
+    D = x.shape[-1]
+    xhat = x - x.mean(axis=-1, keepdims=True)            # [..., D], centred; ours from here on
+    var = xp.einsum("...i,...i->...", xhat, xhat)[..., None] / D  # [..., 1], no [..., D] square
+    rstd = 1 / xp.sqrt(var + eps)                        # [..., 1]
+    xhat *= rstd                                         # in place: x̂ = (x − μ)·rstd
+    y = xhat * w
+    y += b
+    return y, NormCache(xhat, rstd, w)
 
 
 def layer_norm_backward(dy, c):  # [..., D] -> ([..., D], dw [D], db [D])
     """dx = rstd·(g − mean(g) − x̂·mean(g ⊙ x̂)) with g = dy ⊙ w; dw = Σ dy ⊙ x̂; db = Σ dy."""
+    xp = get_xp(dy)
     D = dy.shape[-1]
-    dw = (dy * c.xhat).reshape(-1, D).sum(axis=0)
+    dw = xp.einsum("nd,nd->d", dy.reshape(-1, D), c.xhat.reshape(-1, D))  # Σ dy ⊙ x̂
     db = dy.reshape(-1, D).sum(axis=0)
-    g = dy * c.w
-    dx = g - g.mean(axis=-1, keepdims=True) - c.xhat * (g * c.xhat).mean(axis=-1, keepdims=True)
+    g = dy * c.w                                                  # [..., D]
+    gx = xp.einsum("...i,...i->...", g, c.xhat)[..., None] / D    # mean(g ⊙ x̂) [..., 1]
+    dx = c.xhat * gx                                              # in-place passes from here
+    xp.subtract(g, dx, out=dx)
+    dx -= g.mean(axis=-1, keepdims=True)
     dx *= c.rstd
     return dx, dw, db
 
