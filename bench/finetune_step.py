@@ -96,6 +96,34 @@ def maxrss_mib():
     return kib / 1024
 
 
+def rss_mib():
+    """Resident set size now (Linux /proc/self/statm), MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+class RSSSampler:
+    """Highest resident set size seen while running, sampled every 2 ms by a thread (the
+    set-up's own high-water mark, SVDs included, would hide the steps' in ru_maxrss)."""
+
+    def __enter__(self):
+        import threading
+        self.base = self.peak = rss_mib()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self):
+        while not self.stop.wait(0.002):
+            self.peak = max(self.peak, rss_mib())
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, rss_mib())
+
+
 # ----------------------------------------------------------------------------- the problem
 class Problem:
     """The compressed DeiT-S model, its trainable parameters, masks, AdamW state and one batch."""
@@ -336,23 +364,23 @@ def check_equivalence(pb, ts):
 
 # ----------------------------------------------------------------------------- running
 def memory_side(args):
-    """Subprocess body: set up one side, run --memory-steps steps, print peak RSS (MiB)."""
+    """Subprocess body: set up one side, run --memory-steps steps, print RSS figures (MiB)."""
+    import gc
     from fips_ref.backend import load_backend, synchronize
     xp = load_backend(args.backend)
     pb = Problem(args, xp)
     if args.memory_side == "torch":
         ts = TorchStep(pb, "cpu" if args.backend == "numpy" else "cuda", args.torch_attention)
-        pb.model = pb.mlps = pb.adam = None          # only the torch copy steps
-        setup = maxrss_mib()
-        for _ in range(args.memory_steps):
-            ts.step()
-        ts.sync()
+        pb.model = pb.mlps = pb.adam = pb.params = None   # only the torch copy steps
+        step, sync = ts.step, ts.sync
     else:
-        setup = maxrss_mib()
+        step, sync = (lambda: fips_step(pb)), (lambda: synchronize(xp))
+    gc.collect()
+    with RSSSampler() as rss:
         for _ in range(args.memory_steps):
-            fips_step(pb)
-        synchronize(xp)
-    print(f"MEMORY {setup:.0f} {maxrss_mib():.0f}")
+            step()
+        sync()
+    print(f"MEMORY {rss.base:.0f} {rss.peak:.0f} {maxrss_mib():.0f}")
 
 
 def run_memory(args, side):
@@ -442,9 +470,10 @@ def main(argv=None):
         for side in ("numpy", "torch") if ts is not None else ("numpy",):
             mem = run_memory(args, side)
             if mem:
-                print(f"peak RSS ({'fips_ref' if side == 'numpy' else 'torch'} side, own process): "
-                      f"{mem[1]:.0f} MiB ({mem[0]:.0f} MiB after set-up, "
-                      f"+{mem[1] - mem[0]:.0f} MiB for {args.memory_steps} steps)")
+                print(f"memory, {'fips_ref' if side == 'numpy' else 'torch'} side (own process): "
+                      f"peak RSS during {args.memory_steps} steps {mem[1]:.0f} MiB = {mem[0]:.0f} "
+                      f"before + {mem[1] - mem[0]:.0f} MiB for the step; ru_maxrss {mem[2]:.0f} "
+                      f"MiB (set-up included)")
 
 
 def profile(pb):
