@@ -380,7 +380,14 @@ def memory_side(args):
         for _ in range(args.memory_steps):
             step()
         sync()
-    print(f"MEMORY {rss.base:.0f} {rss.peak:.0f} {maxrss_mib():.0f}")
+    device = 0.0                                     # device high-water mark (GPU only)
+    if args.backend == "cupy" and args.memory_side == "torch":
+        import torch
+        device = torch.cuda.max_memory_allocated() / 2 ** 20
+    elif args.backend == "cupy":
+        from fips_ref.backend import peak_device_bytes
+        device = peak_device_bytes(xp) / 2 ** 20
+    print(f"MEMORY {rss.base:.0f} {rss.peak:.0f} {maxrss_mib():.0f} {device:.0f}")
 
 
 def run_memory(args, side):
@@ -473,7 +480,8 @@ def main(argv=None):
                 print(f"memory, {'fips_ref' if side == 'numpy' else 'torch'} side (own process): "
                       f"peak RSS during {args.memory_steps} steps {mem[1]:.0f} MiB = {mem[0]:.0f} "
                       f"before + {mem[1] - mem[0]:.0f} MiB for the step; ru_maxrss {mem[2]:.0f} "
-                      f"MiB (set-up included)")
+                      f"MiB (set-up included)"
+                      + (f"; device {mem[3]:.0f} MiB" if args.backend == "cupy" else ""))
 
 
 def profile(pb):
