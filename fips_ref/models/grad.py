@@ -57,13 +57,16 @@ def vjp(checkpoint, images, dlogits, *, dtype=None, xp=None, batch_size=64):
 def model_vjp(model, mlps, x, dlogits, grads):  # [B, C, H, W], [B, K] -> [B, K]
     """One batch on the device: forward with caches, backward; adds math-layout grads to ``grads``.
 
-    ``mlps`` are train_mlps.MLPLayer per block. The entry point for training loops, which keep
-    parameters and gradients on the device (see torch_layout for the checkpoint layout).
+    ``mlps`` are train_mlps.MLPLayer per block. ``dlogits`` is the array [B, K], or a callable
+    logits -> dlogits for a loss of this forward's logits (a training step: loss gradient between
+    the forward and the backward). The entry point for training loops, which keep parameters and
+    gradients on the device (see torch_layout for the checkpoint layout).
     """
     from . import ARCHS
     arch = ARCHS[model.arch]
     logits, cache = arch.forward_train(model.cfg, model.params, mlps, x)
-    arch.backward(model.cfg, model.params, mlps, dlogits, cache, grads)
+    dl = dlogits(logits) if callable(dlogits) else dlogits
+    arch.backward(model.cfg, model.params, mlps, dl, cache, grads)
     return logits
 
 

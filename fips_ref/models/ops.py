@@ -17,7 +17,9 @@ from ..backend import get_xp
 def linear_forward(x, W, b=None):  # [..., in] -> [..., out]
     """nn.Linear with W in math layout [in, out]; b may be None (bias=False). Cache: x."""
     y = x @ W                                            # [..., in] -> [..., out]
-    return (y if b is None else y + b), x
+    if b is not None:
+        y += b                                           # in place: y is ours
+    return y, x
 
 
 def linear_backward(dy, x, W, need_dx=True, has_bias=True):  # [..., out] -> ([..., in], dW, db)
@@ -45,21 +47,27 @@ class NormCache(NamedTuple):
 def layer_norm_forward(x, w, b, eps):  # [..., D] -> [..., D]
     """torch.nn.LayerNorm: biased variance, eps inside the square root (timm norm_layer)."""
     xp = get_xp(x)
-    mu = x.mean(axis=-1, keepdims=True)                  # [..., D] -> [..., 1]
-    xc = x - mu
-    var = (xc ** 2).mean(axis=-1, keepdims=True)         # [..., D] -> [..., 1]
-    std = xp.sqrt(var + eps)
-    xhat = xc / std
-    return xhat * w + b, NormCache(xhat, 1 / std, w)
+    D = x.shape[-1]
+    xhat = x - x.mean(axis=-1, keepdims=True)            # [..., D], centred; ours from here on
+    var = xp.einsum("...i,...i->...", xhat, xhat)[..., None] / D  # [..., 1], no [..., D] square
+    rstd = 1 / xp.sqrt(var + eps)                        # [..., 1]
+    xhat *= rstd                                         # in place: x̂ = (x − μ)·rstd
+    y = xhat * w
+    y += b
+    return y, NormCache(xhat, rstd, w)
 
 
 def layer_norm_backward(dy, c):  # [..., D] -> ([..., D], dw [D], db [D])
     """dx = rstd·(g − mean(g) − x̂·mean(g ⊙ x̂)) with g = dy ⊙ w; dw = Σ dy ⊙ x̂; db = Σ dy."""
+    xp = get_xp(dy)
     D = dy.shape[-1]
-    dw = (dy * c.xhat).reshape(-1, D).sum(axis=0)
+    dw = xp.einsum("nd,nd->d", dy.reshape(-1, D), c.xhat.reshape(-1, D))  # Σ dy ⊙ x̂
     db = dy.reshape(-1, D).sum(axis=0)
-    g = dy * c.w
-    dx = g - g.mean(axis=-1, keepdims=True) - c.xhat * (g * c.xhat).mean(axis=-1, keepdims=True)
+    g = dy * c.w                                                  # [..., D]
+    gx = xp.einsum("...i,...i->...", g, c.xhat)[..., None] / D    # mean(g ⊙ x̂) [..., 1]
+    dx = c.xhat * gx                                              # in-place passes from here
+    xp.subtract(g, dx, out=dx)
+    dx -= g.mean(axis=-1, keepdims=True)
     dx *= c.rstd
     return dx, dw, db
 
@@ -72,14 +80,33 @@ def layer_norm(x, w, b, eps):  # [..., D] -> [..., D]
 # ----------------------------------------------------------------------------- softmax
 def softmax(x):  # [..., N] -> [..., N]
     """Softmax over the last axis, max-subtracted (nn.Softmax(dim=-1))."""
+    return softmax_(x - x.max(axis=-1, keepdims=True), shifted=True)
+
+
+def softmax_(x, shifted=False):  # [..., N] -> the same array, overwritten
+    """softmax in place on an array the caller owns (attention's logits): no [..., N] temporaries.
+
+    The same operations in the same order as softmax, so the same bits."""
     xp = get_xp(x)
-    e = xp.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+    if not shifted:
+        x -= x.max(axis=-1, keepdims=True)
+    xp.exp(x, out=x)
+    x /= x.sum(axis=-1, keepdims=True)
+    return x
 
 
 def softmax_backward(dp, p):  # [..., N] -> [..., N]
     """From the output p: dx = p ⊙ (dp − Σ_j dp_j p_j)."""
     return p * (dp - (dp * p).sum(axis=-1, keepdims=True))
+
+
+def softmax_backward_(dp, p):  # [..., N] -> dp, overwritten with dx
+    """softmax_backward in place on a dp the caller owns; the row sums Σ_j dp_j p_j by einsum
+    (a dot per row, no [..., N] product array)."""
+    xp = get_xp(dp)
+    dp -= xp.einsum("...j,...j->...", dp, p)[..., None]
+    dp *= p
+    return dp
 
 
 # ----------------------------------------------------------------------------- attention
@@ -105,9 +132,9 @@ def unmerge_heads(x, num_heads):  # [B, N, D] -> [B, H, N, Dh]
 
 class AttnCache(NamedTuple):
     x: object      # [B, N, D] input
-    q: object      # [B, H, N, Dh] (unscaled)
-    k: object      # [B, H, N, Dh]
-    v: object      # [B, H, N, Dh]
+    q: object      # [B, H, N, Dh] scaled by Dh^-0.5 (contiguous)
+    k: object      # [B, H, N, Dh] (a view into the qkv output)
+    v: object      # [B, H, N, Dh] (a view into the qkv output)
     p: object      # [B, H, N, N] attention probabilities
     o: object      # [B, N, D] merged heads (proj input)
 
@@ -116,14 +143,21 @@ def attention_forward(x, Wqkv, bqkv, Wproj, bproj, num_heads, biases=()):  # [B,
     """timm Attention / WindowAttention: softmax(q·Dh^-0.5 @ kᵀ + Σ biases) @ v, then proj.
 
     ``biases`` are additive logit terms broadcastable to [B, H, N, N], added in order
-    (Swin: relative position bias, then the shift mask).
+    (Swin: relative position bias, then the shift mask). Speed (docs/backward.md "Speed"): the
+    logits are one fresh array that the biases and the softmax update in place, and p @ v is
+    written straight into the merged-head layout, so no [B, H, N, N] temporaries and no copy.
     """
+    xp = get_xp(x)
     q, k, v = split_heads(linear(x, Wqkv, bqkv), num_heads)  # [B, N, D] -> 3 x [B, H, N, Dh]
-    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(0, 1, 3, 2)  # -> [B, H, N, N]
+    B, H, N, Dh = q.shape
+    q = q * Dh ** -0.5                                   # [B, H, N, Dh], contiguous
+    logits = q @ k.transpose(0, 1, 3, 2)                 # -> [B, H, N, N]
     for bias in biases:
-        logits = logits + bias
-    p = softmax(logits)
-    o = merge_heads(p @ v)                               # [B, H, N, Dh] -> [B, N, D]
+        logits += bias
+    p = softmax_(logits)
+    o = xp.empty((B, N, H, Dh), dtype=p.dtype)           # merge_heads' layout
+    xp.matmul(p, v, out=o.transpose(0, 2, 1, 3))         # [B, H, N, N] @ [B, H, N, Dh]
+    o = o.reshape(B, N, H * Dh)                          # -> [B, N, D]
     return linear(o, Wproj, bproj), AttnCache(x, q, k, v, p, o)
 
 
@@ -131,21 +165,21 @@ def attention_backward(dy, c, Wqkv, Wproj, has_qkv_bias):  # [B, N, D] -> (dx, g
     """Backward of attention_forward: (dx, (dWqkv, dbqkv, dWproj, dbproj), dlogits [B, H, N, N]).
 
     dlogits is also the gradient of every additive bias (before broadcasting), for Swin's
-    relative position bias table.
+    relative position bias table. With the cached q already scaled, dk = dlogitsᵀ @ q·Dh^-0.5
+    needs no extra scaling; dq = dlogits @ k · Dh^-0.5. dq, dk, dv are written straight into
+    split_heads' [B, N, 3, H, Dh] layout (no stacking copy).
     """
     xp = get_xp(dy)
-    H, Dh = c.q.shape[1], c.q.shape[-1]
-    scale = Dh ** -0.5
+    B, H, N, Dh = c.q.shape
     do, dWproj, dbproj = linear_backward(dy, c.o, Wproj)        # -> [B, N, D]
     do = unmerge_heads(do, H)                                   # -> [B, H, N, Dh]
-    dv = c.p.transpose(0, 1, 3, 2) @ do                         # [B, H, N, N] @ [B, H, N, Dh]
-    dlogits = softmax_backward(do @ c.v.transpose(0, 1, 3, 2), c.p)  # -> [B, H, N, N]
-    dq = (dlogits @ c.k) * scale                                # -> [B, H, N, Dh]
-    dk = (dlogits.transpose(0, 1, 3, 2) @ c.q) * scale          # -> [B, H, N, Dh]
-    B, N = dy.shape[0], dy.shape[1]
     dqkv = xp.empty((B, N, 3, H, Dh), dtype=dy.dtype)          # split_heads' layout
-    for j, d in enumerate((dq, dk, dv)):
-        dqkv[:, :, j] = d.transpose(0, 2, 1, 3)                 # [B, H, N, Dh] -> [B, N, H, Dh]
+    dq, dk, dv = (dqkv[:, :, j].transpose(0, 2, 1, 3) for j in range(3))  # [B, H, N, Dh] views
+    xp.matmul(c.p.transpose(0, 1, 3, 2), do, out=dv)           # [B, H, N, N] @ [B, H, N, Dh]
+    dlogits = softmax_backward_(do @ c.v.transpose(0, 1, 3, 2), c.p)  # -> [B, H, N, N]
+    xp.matmul(dlogits, c.k, out=dq)                             # -> [B, H, N, Dh]
+    dq *= Dh ** -0.5
+    xp.matmul(dlogits.transpose(0, 1, 3, 2), c.q, out=dk)      # -> [B, H, N, Dh]
     dqkv = dqkv.reshape(B, N, 3 * H * Dh)                       # -> [B, N, 3D]
     dx, dWqkv, dbqkv = linear_backward(dqkv, c.x, Wqkv, has_bias=has_qkv_bias)
     return dx, (dWqkv, dbqkv, dWproj, dbproj), dlogits

@@ -91,21 +91,25 @@ def factored_layer(U, Vs, biases, layers, group):
     return MLPLayer(lambda h: factored_mlp_forward(h, *fcs), backward)
 
 
-def train_mlps(model, ckpt):
+def train_mlps(model, ckpt, params=None):
     """{global block index: MLPLayer} for a prepared Model and its checkpoint.
 
     Dense blocks read the math-layout weights build_mlps put in ``model.params``; FiPS blocks
-    read U and the dense V (zero off the mask) from the codec, in the model's dtype.
+    read U and the dense V (zero off the mask) from the codec, in the model's dtype. With a dict
+    ``params``, the factor arrays the layers read are also stored there under their gradient keys
+    (``fips.U.{g}``, ``fips.V.{layer key}``, ``{layer key}.bias``), so a training loop can update
+    them in place (adamw_step) and the layers see the new values.
     """
     xp, dtype = model.xp, model.dtype
-    out = {}
+    out, params = {}, {} if params is None else params
     for g in (fips_meta(ckpt)["groups"] if "fips" in ckpt.extra else ()):
         U, Vs, layers = group_factors(ckpt, g)
-        U = xp.asarray(U, dtype=dtype)
+        U = params[f"fips.U.{g['index']}"] = xp.asarray(U, dtype=dtype)
         per_block = {}
         for V, layer in zip(Vs, layers):
-            b = xp.asarray(ckpt.tensors[f"{layer.key}.bias"], dtype=dtype)
-            per_block.setdefault(layer.block, []).append((xp.asarray(V, dtype=dtype), b, layer))
+            V = params[f"fips.V.{layer.key}"] = xp.asarray(V, dtype=dtype)
+            b = params[f"{layer.key}.bias"] = xp.array(ckpt.tensors[f"{layer.key}.bias"], dtype=dtype)
+            per_block.setdefault(layer.block, []).append((V, b, layer))
         for block, fcs in per_block.items():
             Vb, bb, lb = zip(*fcs)                   # fc1 then fc2, in group order
             out[block] = factored_layer(U, Vb, bb, lb, g["index"])
