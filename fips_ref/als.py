@@ -13,9 +13,9 @@ import numpy as np
 from .closed_form import group_terms, objective, refit_bias, removal_cost, u_step, v_step, whitened_init
 from .sharing import layer_factors
 
-ALS_SWEEPS = 2        # V-steps + U-step per pruning round
+ALS_SWEEPS = 1        # most sweeps (V-steps + U-step) per pruning round (docs/closed-form.md §5)
 ALS_TOL = 0.0         # stop a round's sweeps once one lowers Eq. (1) by less than this fraction
-ALS_ITERS = 25        # CG iterations per solve inside the local stage (warm-started; §5)
+ALS_ITERS = 10        # CG iterations per solve inside the local stage (warm-started; §5)
 INITS = ("svd", "whitened")
 SOLVERS = ("adam", "als", "als+adam")
 

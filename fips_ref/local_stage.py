@@ -62,10 +62,10 @@ class FiPSConfig:
     seed: int = 0
     init: str = "svd"                  # svd (authors) | whitened (docs/closed-form.md §6)
     solver: str = "adam"               # adam (authors) | als | als+adam (docs/closed-form.md §5)
-    als_rounds: int = 10               # pruning rounds of --solver als (not the authors')
-    als_sweeps: int = 2                # most ALS sweeps per pruning round (docs/closed-form.md §5)
+    als_rounds: int = 3                # pruning rounds of --solver als (not the authors')
+    als_sweeps: int = 1                # most ALS sweeps per pruning round (docs/closed-form.md §5)
     als_tol: float = 0.0               # a round's sweeps stop once one lowers Eq. (1) by less
-    als_iters: int = 25                # CG iterations per ALS solve (warm-started)
+    als_iters: int = 10                # CG iterations per ALS solve (warm-started)
     # issue 9 (paper §5 ablations, not yet wired): DoRA-style magnitudes; rank growth beyond the width
     scaling_vectors: bool = False      # paper §5 "scaling vectors"; authors: off
     growth: str = "hybrid"             # hybrid (authors' code) | random | split (paper §5)
