@@ -10,7 +10,7 @@ ALS masks. Every one of these ends at exactly the requested budget (``exact_budg
 """
 import numpy as np
 
-from .closed_form import group_terms, objective, refit_bias, removal_cost, u_step, v_step, whitened_init
+from .closed_form import LayerTerm, group_terms, objective, refit_bias, removal_cost, u_step, v_step, whitened_init
 from .sharing import layer_factors
 
 ALS_SWEEPS = 1        # most sweeps (V-steps + U-step) per pruning round (docs/closed-form.md §5)
@@ -42,9 +42,16 @@ def run_als(Us, Vs, terms, keys, sparsity, *, rounds, sweeps=ALS_SWEEPS, tol=ALS
     Each round prunes, then sweeps at most ``sweeps`` times, fewer once a sweep lowers Eq. (1) by
     less than the fraction ``tol``. Returns (Us, Vs, masks) with masks at exactly
     keep_count(N, sparsity) over all V (global) or per V (uniform). ``history`` (a list)
-    receives Eq. (1) after every round.
+    receives Eq. (1) after every round. Inputs may be float32 or float64; the solves run in
+    float64 (the normal equations square the condition number: in float32 the scale U·a, V/a
+    drifts along their near-null directions until it overflows) and the results come back in
+    the inputs' dtype.
     """
     xp = _xp(Vs)
+    dtype = next(iter(Vs.values())).dtype                 # solves in float64 (docstring), back at the end
+    Us = {g: U.astype(np.float64) for g, U in Us.items()}
+    Vs = {k: V.astype(np.float64) for k, V in Vs.items()}
+    terms = {g: [as_float64(t) for t in ts] for g, ts in terms.items()}
     masks = {k: xp.ones(V.shape, dtype=bool) for k, V in Vs.items()}
     g_of = {k: g for g, ks in keys.items() for k in ks}
     t_of = {k: t for g in keys for k, t in zip(keys[g], terms[g])}
@@ -65,7 +72,13 @@ def run_als(Us, Vs, terms, keys, sparsity, *, rounds, sweeps=ALS_SWEEPS, tol=ALS
                     break
         if history is not None:
             history.append(last if last is not None else eq1())
-    return Us, Vs, masks
+    return ({g: U.astype(dtype) for g, U in Us.items()}, {k: V.astype(dtype) for k, V in Vs.items()},
+            masks)
+
+
+def as_float64(t):  # LayerTerm -> LayerTerm in float64
+    f = lambda a: None if a is None else a.astype(np.float64)             # noqa: E731
+    return LayerTerm(t.key, f(t.C), f(t.P), f(t.Q), f(t.mu_in))
 
 
 def prune_by_cost(cost, masks, sparsity, *, global_pruning=True):
