@@ -110,7 +110,7 @@ def build_parser():
                    help="whitened: activation-aware init from calibration moments (docs/closed-form.md; not the authors')")
     t.add_argument("--solver", choices=("adam", "als", "als+adam"), default=d.solver,
                    help="als: closed-form alternating solves on Eq. (1) to the exact budget (docs/closed-form.md)")
-    t.add_argument("--als-rounds", type=POSITIVE_INT, default=d.als_rounds, help="pruning rounds of --solver als")
+    t.add_argument("--als-rounds", type=POSITIVE_INT, default=d.als_rounds, help="pruning rounds of --solver als, the last at exactly the budget (docs/closed-form.md §5; our choice)")
     t.add_argument("--als-sweeps", type=POSITIVE_INT, default=d.als_sweeps,
                    help="most ALS sweeps (all V-steps, then the U-step) per pruning round (docs/closed-form.md §5; our choice)")
     t.add_argument("--als-tol", type=ranged(0, 1), default=d.als_tol,
