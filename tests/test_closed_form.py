@@ -296,7 +296,8 @@ def test_whitened_init_with_usual_stage_ends_at_exactly_the_budget():
 
 
 # ----------------------------------------------------------------------------- CLI
-@pytest.mark.parametrize("flags", [["--solver", "als"], ["--init", "whitened", "--solver", "als+adam"]])
+@pytest.mark.parametrize("flags", [["--als-sweeps", "3", "--als-tol", "0.01", "--als-iters", "5", "--solver", "als"],
+                                   ["--init", "whitened", "--solver", "als+adam"]])
 def test_cli_closed_form_options_end_to_end(tmp_path, capsys, flags):
     """A LayerScale ViT compressed with the new flags: written, exact budget, better than init."""
     import json
@@ -312,12 +313,15 @@ def test_cli_closed_form_options_end_to_end(tmp_path, capsys, flags):
     assert code == 0 and load_checkpoint(out).tensors
     report = json.loads(rep.read_text())
     assert report["config"]["solver"] == flags[-1]
+    if "--als-tol" in flags:
+        assert (report["config"]["als_sweeps"], report["config"]["als_tol"], report["config"]["als_iters"]) == (3, 0.01, 5)
     n = sum(1 for _ in report["layer_density"])
     assert n == 4 and 1 - report["params"]["v_density"] == pytest.approx(0.6, abs=1e-3)
     assert all(b["rel_error_final"] < 0.5 for b in report["blocks"])
 
 
-def test_cli_rejects_an_unknown_solver(tmp_path, capsys):
+@pytest.mark.parametrize("flags", [["--solver", "lbfgs"], ["--als-tol", "1.5"], ["--als-iters", "0"]])
+def test_cli_rejects_bad_closed_form_flags(tmp_path, capsys, flags):
     from fips_ref.compress import main
-    assert main(["--solver", "lbfgs"]) == 2
-    assert "--solver" in capsys.readouterr().err
+    assert main(flags) == 2
+    assert flags[0] in capsys.readouterr().err
