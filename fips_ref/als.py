@@ -10,12 +10,12 @@ ALS masks. Every one of these ends at exactly the requested budget (``exact_budg
 """
 import numpy as np
 
-from .closed_form import group_terms, objective, refit_bias, removal_cost, u_step, v_step, whitened_init
+from .closed_form import LayerTerm, group_terms, objective, refit_bias, removal_cost, u_step, v_step, whitened_init
 from .sharing import layer_factors
-from .sparsity import prune_to
 
-ALS_SWEEPS = 2        # V-steps + U-step per pruning round
-ALS_ITERS = 25        # CG iterations per solve inside the local stage (warm-started; §5)
+ALS_SWEEPS = 1        # most sweeps (V-steps + U-step) per pruning round (docs/closed-form.md §5)
+ALS_TOL = 0.0         # stop a round's sweeps once one lowers Eq. (1) by less than this fraction
+ALS_ITERS = 10        # CG iterations per solve inside the local stage (warm-started; §5)
 INITS = ("svd", "whitened")
 SOLVERS = ("adam", "als", "als+adam")
 
@@ -34,29 +34,73 @@ def als_sweep(U, Vs, masks, terms, keys, iters):  # one group: V-steps then the 
     return u_step(U, [Vs[k] for k in keys], terms, maxiter=iters)
 
 
-def run_als(Us, Vs, terms, keys, sparsity, *, rounds, sweeps=ALS_SWEEPS, global_pruning=True,
+def run_als(Us, Vs, terms, keys, sparsity, *, rounds, sweeps=ALS_SWEEPS, tol=ALS_TOL, global_pruning=True,
             iters=ALS_ITERS, history=None):
     """ALS with pruning by removal cost (paper Eq. (1); docs/closed-form.md §5).
 
     Us {g: U [rows, R]}, Vs {layer key: V [R, cols]}, terms/keys {g: [LayerTerm]/[layer key]}.
-    Returns (Us, Vs, masks) with masks at exactly keep_count(N, sparsity) over all V (global) or
-    per V (uniform). ``history`` (a list) receives Eq. (1) after every round.
+    Each round prunes, then sweeps at most ``sweeps`` times, fewer once a sweep lowers Eq. (1) by
+    less than the fraction ``tol``. Returns (Us, Vs, masks) with masks at exactly
+    keep_count(N, sparsity) over all V (global) or per V (uniform). ``history`` (a list)
+    receives Eq. (1) after every round. Inputs may be float32 or float64; the solves run in
+    float64 (the normal equations square the condition number: in float32 the scale U·a, V/a
+    drifts along their near-null directions until it overflows) and the results come back in
+    the inputs' dtype.
     """
     xp = _xp(Vs)
+    dtype = next(iter(Vs.values())).dtype                 # solves in float64 (docstring), back at the end
+    Us = {g: U.astype(np.float64) for g, U in Us.items()}
+    Vs = {k: V.astype(np.float64) for k, V in Vs.items()}
+    terms = {g: [as_float64(t) for t in ts] for g, ts in terms.items()}
     masks = {k: xp.ones(V.shape, dtype=bool) for k, V in Vs.items()}
     g_of = {k: g for g, ks in keys.items() for k in ks}
     t_of = {k: t for g in keys for k, t in zip(keys[g], terms[g])}
+    eq1 = lambda: sum(float(objective(Us[g], [Vs[k] for k in keys[g]], terms[g])) for g in keys)  # noqa: E731
     for s in als_levels(sparsity, rounds) or [None]:
         if s is not None:
-            cost = {k: xp.sqrt(removal_cost(Us[g_of[k]], Vs[k], t_of[k])) for k in Vs}
-            masks = prune_to(cost, masks, s, global_pruning=global_pruning)
+            cost = {k: removal_cost(Us[g_of[k]], Vs[k], t_of[k]) for k in Vs}
+            masks = prune_by_cost(cost, masks, s, global_pruning=global_pruning)
             Vs = {k: V * masks[k] for k, V in Vs.items()}
+        last = eq1() if tol > 0 else None
         for _ in range(sweeps):
             for g in keys:
                 Us[g] = als_sweep(Us[g], Vs, masks, terms[g], keys[g], iters)
+            if tol > 0:
+                now = eq1()
+                done, last = last - now < tol * last, now
+                if done:
+                    break
         if history is not None:
-            history.append(sum(float(objective(Us[g], [Vs[k] for k in keys[g]], terms[g])) for g in keys))
-    return Us, Vs, masks
+            history.append(last if last is not None else eq1())
+    return ({g: U.astype(dtype) for g, U in Us.items()}, {k: V.astype(dtype) for k, V in Vs.items()},
+            masks)
+
+
+def as_float64(t):  # LayerTerm -> LayerTerm in float64
+    f = lambda a: None if a is None else a.astype(np.float64)             # noqa: E731
+    return LayerTerm(t.key, f(t.C), f(t.P), f(t.Q), f(t.mu_in))
+
+
+def prune_by_cost(cost, masks, sparsity, *, global_pruning=True):
+    """sparsity.prune_to on the active entries only (same result: exact top-k, ties by index).
+
+    Gathering the active costs first avoids the long runs of −inf that make a partition of the
+    whole array slow (10× on the demo, where most entries are pruned).
+    """
+    from .sparsity import keep_count, topk_mask
+    xp = _xp(cost)
+    out = {}
+    for keys in ([list(masks)] if global_pruning else [[k] for k in masks]):
+        m = xp.concatenate([masks[k].reshape(-1) for k in keys])                # [N]
+        c = xp.concatenate([cost[k].reshape(-1) for k in keys])                 # [N]
+        active = xp.flatnonzero(m)
+        keep = xp.zeros(m.shape, dtype=bool)
+        keep[active] = topk_mask(c[active], min(keep_count(m.size, sparsity), int(active.size)))
+        start = 0
+        for k in keys:
+            out[k] = keep[start:start + masks[k].size].reshape(masks[k].shape)
+            start += masks[k].size
+    return out
 
 
 def _xp(arrays):
@@ -118,6 +162,7 @@ def closed_form_start(cfg, sched, plan, weights, acts, blocks, params, masks, or
         target = 0.0 if cfg.sparsifier == "dense" else cfg.sparsity
         Us = {g: fill_zero_columns(U, cfg.seed) for g, U in Us.items()}
         Us, Vs, masks = run_als(Us, Vs, terms, keys, target, rounds=cfg.als_rounds if target else 0,
+                                sweeps=cfg.als_sweeps, tol=cfg.als_tol, iters=cfg.als_iters,
                                 global_pruning=cfg.global_pruning, history=history)
         masks = masks if cfg.sparsifier != "dense" else {}
         order = [] if cfg.solver == "als" else order
@@ -139,5 +184,5 @@ def exact_budget(cfg, params, masks):
     """Masks pruned by |V| to exactly the target sparsity where a schedule stopped short (§7)."""
     if not masks or cfg.sparsifier == "dense":
         return masks
-    return prune_to({k: params[k] for k in masks}, masks, cfg.sparsity,
-                    global_pruning=cfg.global_pruning)
+    return prune_by_cost({k: abs(params[k]) for k in masks}, masks, cfg.sparsity,
+                         global_pruning=cfg.global_pruning)

@@ -146,17 +146,21 @@ def _u_preconditioner(U, Ms, terms):
     return two_term_solver(X1, Y1, X2, Y2)
 
 
+def _rel_floor(dtype, base):  # a relative ridge/floor well above the dtype's rounding
+    return max(base, 100.0 * float(np.finfo(dtype).eps))
+
+
 def _inv_sqrt(A):  # SPD [n, n] -> A^{-1/2}
     xp = get_xp(A)
     a, W = xp.linalg.eigh(A)
-    a = xp.maximum(a, a.max() * 1e-12 + 1e-300)
+    a = xp.maximum(a, a.max() * _rel_floor(A.dtype, 1e-12) + 1e-300)
     return (W / xp.sqrt(a)) @ W.T
 
 
 def _congruence(A, B):  # -> (T, λ) with Tᵀ B T = I, Tᵀ A T = diag(λ)
     xp = get_xp(A)
     n = A.shape[0]
-    ridge = 1e-9 * (float(xp.trace(A)) + float(xp.trace(B))) / n + 1e-300
+    ridge = _rel_floor(A.dtype, 1e-9) * (float(xp.trace(A)) + float(xp.trace(B))) / n + 1e-300
     Bi = _inv_sqrt(B + ridge * xp.eye(n, dtype=B.dtype))
     lam, Z = xp.linalg.eigh(Bi @ A @ Bi)
     return Bi @ Z, xp.maximum(lam, 0)

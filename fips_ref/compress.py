@@ -139,7 +139,13 @@ def build_parser():
                         "from calibration moments (docs/closed-form.md; not the authors')")
     t.add_argument("--solver", choices=("adam", "als", "als+adam"), default=d.solver,
                    help="als: closed-form alternating solves on Eq. (1) to the exact budget (docs/closed-form.md)")
-    t.add_argument("--als-rounds", type=POSITIVE_INT, default=d.als_rounds, help="pruning rounds of --solver als")
+    t.add_argument("--als-rounds", type=POSITIVE_INT, default=d.als_rounds, help="pruning rounds of --solver als, the last at exactly the budget (docs/closed-form.md §5; our choice)")
+    t.add_argument("--als-sweeps", type=POSITIVE_INT, default=d.als_sweeps,
+                   help="most ALS sweeps (all V-steps, then the U-step) per pruning round (docs/closed-form.md §5; our choice)")
+    t.add_argument("--als-tol", type=ranged(0, 1), default=d.als_tol,
+                   help="end a round's sweeps once one lowers Eq. (1) by less than this fraction; 0: always --als-sweeps (docs/closed-form.md §5)")
+    t.add_argument("--als-iters", type=POSITIVE_INT, default=d.als_iters,
+                   help="conjugate-gradient iterations per ALS solve, warm-started (docs/closed-form.md §3-4; our choice)")
     r = p.add_argument_group("execution")
     r.add_argument("--backend", choices=("numpy", "cupy"), help="default: $FIPS_REF_BACKEND or numpy")
     r.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="compute precision")

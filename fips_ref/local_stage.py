@@ -65,7 +65,10 @@ class FiPSConfig:
     seed: int = 0
     init: str = "svd"                  # svd (authors) | random (paper §5) | whitened (docs/closed-form.md §6)
     solver: str = "adam"               # adam (authors) | als | als+adam (docs/closed-form.md §5)
-    als_rounds: int = 10               # pruning rounds of --solver als (not the authors')
+    als_rounds: int = 3                # pruning rounds of --solver als (not the authors')
+    als_sweeps: int = 1                # most ALS sweeps per pruning round (docs/closed-form.md §5)
+    als_tol: float = 0.0               # a round's sweeps stop once one lowers Eq. (1) by less
+    als_iters: int = 10                # CG iterations per ALS solve (warm-started)
     # paper §5 ablations (fips_ref/ablations.py): DoRA-style magnitudes; rank growth beyond the width
     scaling_vectors: bool = False      # paper §5 "scaling vectors"; authors: off
     growth: str = "hybrid"             # hybrid (authors' code) | random | split (paper §5)
@@ -332,8 +335,9 @@ def run_local_stage(weights, acts, groups, cfg=FiPSConfig(), *, blocks, batch_or
         sched = resolve_schedule(cfg, sum(len(e) for e in order))
     dense = dense_weights(weights, blocks, xp=xp, dtype=dtype)
     gammas = {b: dense[b][4] for b in dense}
-    if targets == "cache":
-        targets = cached_targets(dense, acts, xp=xp, dtype=dtype)
+    if targets == "cache":                           # (no step and no error to measure: nothing to cache)
+        use = errors or sum(map(len, order))
+        targets = cached_targets(dense, acts, xp=xp, dtype=dtype) if use else "recompute"
     elif targets != "recompute" and not isinstance(targets, dict):
         raise ValueError(f"targets must be 'cache', 'recompute' or a dict, got {targets!r}")
     cached = targets if isinstance(targets, dict) else None

@@ -6,7 +6,6 @@ marked (paper §3 "Sparsity": every Δt steps up to t_end), the relative output 
 block at initialisation and after the local stage, and the final density of every layer's V.
 Needs matplotlib (the optional extra 'plots': pip install -e ".[plots]").
 """
-import argparse
 import json
 import os
 import sys

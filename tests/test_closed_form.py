@@ -10,7 +10,7 @@ import pytest
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from fips_ref.als import als_levels, als_sweep, run_als  # noqa: E402
+from fips_ref.als import als_levels, als_sweep, fill_zero_columns, run_als  # noqa: E402
 from fips_ref.backend import to_numpy  # noqa: E402
 from fips_ref.checkpoint import MLPBlock  # noqa: E402
 from fips_ref.closed_form import (LayerTerm, objective, objective_grads, u_step, v_step,  # noqa: E402
@@ -168,6 +168,34 @@ def test_als_recovers_planted_shared_basis_times_sparse_v(seed):
         np.testing.assert_allclose(U @ Vs[k], t.C, atol=1e-3 * np.abs(t.C).max())
 
 
+@settings(max_examples=12, deadline=None)
+@given(st.integers(4, 6), st.integers(4, 10), st.integers(2, 4), st.sampled_from([np.float32, np.float64]),
+       st.integers(0, 2**31))
+def test_als_from_scratch_recovers_planted_weights(rows, cols, n, dtype, seed):
+    """C_l = U0 V0_l over an overcomplete basis (R = 4·rows, FiPS's regime R > rows), every column
+    of V0 with R/2 non-zeros, random metrics on both sides: from the whitened init (neither the
+    planted factors nor their support), ALS pruning to the planted sparsity recovers every weight.
+
+    Tolerance 1e-3: convergence is linear (docs/closed-form.md §5); a failure is 1e-2 or worse.
+    rows ≥ 4: with 3 rows and few columns the pruning sometimes starves a column (§5).
+    """
+    rng = np.random.default_rng(seed)
+    R = 4 * rows
+    U0 = rng.standard_normal((rows, R))
+    V0 = [rng.standard_normal((R, cols)) * (np.argsort(rng.random((R, cols)), axis=0) < R // 2)
+          for _ in range(n)]
+    terms = [LayerTerm(t.key, (U0 @ V).astype(dtype), t.P, t.Q, None)
+             for t, V in zip(_terms(rng, rows, cols, n, ["full", "none"], np, dtype), V0)]
+    keys = {0: [t.key for t in terms]}
+    U, Vs = whitened_init(terms, R)
+    Us, Vd, masks = run_als({0: fill_zero_columns(U, seed)}, dict(zip(keys[0], Vs)), {0: terms}, keys,
+                            0.5, rounds=10, sweeps=30, iters=60)
+    assert sum(int(m.sum()) for m in masks.values()) == keep_count(n * R * cols, 0.5)
+    assert Us[0].dtype == dtype and all(V.dtype == dtype for V in Vd.values())
+    for k, t in zip(keys[0], terms):
+        assert np.linalg.norm(Us[0] @ Vd[k] - t.C) <= 1e-3 * np.linalg.norm(t.C)
+
+
 def test_run_als_prunes_to_exactly_the_budget_and_beats_magnitude_pruning():
     rng = np.random.default_rng(4)
     rows, R, cols, n = 10, 12, 16, 4
@@ -183,6 +211,32 @@ def test_run_als_prunes_to_exactly_the_budget_and_beats_magnitude_pruning():
     assert all(not np.any(Vs[k][~masks[k]]) for k in keys[0])
     assert hist[-1] == pytest.approx(objective(Us[0], [Vs[k] for k in keys[0]], terms))
     assert hist[-1] < 0.5 * before
+
+
+def test_als_tol_ends_a_round_after_the_first_sweep_that_lowers_eq1_too_little():
+    rng = np.random.default_rng(7)
+    terms = _terms(rng, 6, 8, 2, ["full", "none"], np)
+    keys = {0: [t.key for t in terms]}
+    U, Vs = whitened_init(terms, 9)
+    run = lambda **kw: run_als({0: U.copy()}, dict(zip(keys[0], Vs)), {0: terms}, keys, 0.5,   # noqa: E731
+                               rounds=2, **kw)
+    one, capped, three = run(sweeps=1), run(sweeps=5, tol=1.0), run(sweeps=3)
+    np.testing.assert_array_equal(capped[0][0], one[0][0])          # tol 1: every round stops at once
+    assert not np.array_equal(three[0][0], one[0][0])
+
+
+@settings(max_examples=25)
+@given(st.integers(0, 2**31), st.floats(0.0, 0.95), st.booleans())
+def test_prune_by_cost_equals_prune_to(seed, sparsity, global_pruning):
+    """Oracle: sparsity.prune_to (exact top-k over the active entries, ties by index)."""
+    from fips_ref.als import prune_by_cost
+    rng = np.random.default_rng(seed)
+    V = {k: np.round(rng.standard_normal((3, 5)), 1) for k in "abc"}         # rounding makes ties
+    masks = {k: rng.random((3, 5)) < 0.7 for k in V}
+    ref = prune_to(V, masks, sparsity, global_pruning=global_pruning)
+    got = prune_by_cost({k: np.abs(v) for k, v in V.items()}, masks, sparsity, global_pruning=global_pruning)
+    for k in V:
+        np.testing.assert_array_equal(got[k], ref[k])
 
 
 def test_als_levels_end_exactly_at_the_target():
@@ -242,7 +296,8 @@ def test_whitened_init_with_usual_stage_ends_at_exactly_the_budget():
 
 
 # ----------------------------------------------------------------------------- CLI
-@pytest.mark.parametrize("flags", [["--solver", "als"], ["--init", "whitened", "--solver", "als+adam"]])
+@pytest.mark.parametrize("flags", [["--als-sweeps", "3", "--als-tol", "0.01", "--als-iters", "5", "--solver", "als"],
+                                   ["--init", "whitened", "--solver", "als+adam"]])
 def test_cli_closed_form_options_end_to_end(tmp_path, capsys, flags):
     """A LayerScale ViT compressed with the new flags: written, exact budget, better than init."""
     import json
@@ -258,12 +313,15 @@ def test_cli_closed_form_options_end_to_end(tmp_path, capsys, flags):
     assert code == 0 and load_checkpoint(out).tensors
     report = json.loads(rep.read_text())
     assert report["config"]["solver"] == flags[-1]
+    if "--als-tol" in flags:
+        assert (report["config"]["als_sweeps"], report["config"]["als_tol"], report["config"]["als_iters"]) == (3, 0.01, 5)
     n = sum(1 for _ in report["layer_density"])
     assert n == 4 and 1 - report["params"]["v_density"] == pytest.approx(0.6, abs=1e-3)
     assert all(b["rel_error_final"] < 0.5 for b in report["blocks"])
 
 
-def test_cli_rejects_an_unknown_solver(tmp_path, capsys):
+@pytest.mark.parametrize("flags", [["--solver", "lbfgs"], ["--als-tol", "1.5"], ["--als-iters", "0"]])
+def test_cli_rejects_bad_closed_form_flags(tmp_path, capsys, flags):
     from fips_ref.compress import main
-    assert main(["--solver", "lbfgs"]) == 2
-    assert "--solver" in capsys.readouterr().err
+    assert main(flags) == 2
+    assert flags[0] in capsys.readouterr().err

@@ -3,7 +3,6 @@ ablations, growth, density, calibration. Metric: the held-out relative MLP outpu
 (context.measure) and, with labelled data, top-1."""
 import dataclasses
 
-import numpy as np
 
 from ..sharing import build_groups
 from ..sparsity import PAPER_SPARSIFIERS
