@@ -116,24 +116,46 @@ def build_parser():
 SPARSIFIERS = ("rigl", "static", "set", "srigl", "nm")
 
 
-def sparsifier_flags(args, meta):
+def input_run(meta, path):
+    """(the input's compress config fields the defaults read, its target sparsity), checked:
+    a hostile value is one line naming the key and the flag that replaces it."""
+    src = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)      # noqa: E731
+    valid = {"sparsifier": lambda v: isinstance(v, str),
+             "fan_in": lambda v: v in ("any", "constant"),
+             "gamma_sal": lambda v: v is None or (number(v) and 0 <= v <= 1),
+             "nm": lambda v: isinstance(v, (list, tuple)) and len(v) == 2
+             and all(isinstance(x, int) and not isinstance(x, bool) for x in v) and 1 <= v[0] < v[1] <= 256}
+    out = {}
+    for key, ok in valid.items():
+        if key in src:
+            if not ok(src[key]):
+                raise InputError(f"{path}: key 'fips' config.{key} is {str(src[key])[:40]!r}, not a "
+                                 f"valid --{key.replace('_', '-')} (give the flag)")
+            out[key] = src[key]
+    target = meta.get("target_sparsity", 0.75)
+    if not (number(target) and 0 <= target < 1):
+        raise InputError(f"{path}: key 'fips' target_sparsity is {str(target)[:40]!r}, expected a "
+                         f"number in [0, 1) (give --sparsity)")
+    return out, float(target)
+
+
+def sparsifier_flags(args, meta, path="CHECKPOINT"):
     """{sparsifier, fan_in, gamma_sal, nm, sparsity, global_pruning} from the flags, each left
     unset taken from the input's compress config (meta['config']) as --help says."""
-    src = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-    name = args.sparsifier or (src.get("sparsifier") if condensed_m(src) is not None else "rigl")
-    same = src.get("sparsifier") == name
+    src, target = input_run(meta, path)
     default = GlobalConfig()
+    structured = condensed_m({"nm": default.nm, **src}) is not None
+    name = args.sparsifier or (src["sparsifier"] if structured else "rigl")
+    same = src.get("sparsifier") == name
     out = {"sparsifier": name,
            "fan_in": getattr(args, "fan_in", src.get("fan_in", "any") if same else "any"),
            "gamma_sal": getattr(args, "gamma_sal", src.get("gamma_sal", 0.3) if same else 0.3),
            "nm": tuple(getattr(args, "nm", tuple(src.get("nm", default.nm)) if same else default.nm))}
     if args.sparsity is not None:
-        out["sparsity"] = args.sparsity
-    elif name == "nm":
-        out["sparsity"] = nm_sparsity(*out["nm"])
+        out["sparsity"] = float(args.sparsity)
     else:
-        out["sparsity"] = meta.get("target_sparsity", 0.75)
-    out["sparsity"] = float(out["sparsity"])
+        out["sparsity"] = nm_sparsity(*out["nm"]) if name == "nm" else target
     probe = sparsifier_config(GlobalConfig(**{**out, "global_pruning": True}))
     out["global_pruning"] = (not per_layer_only(probe) if args.global_pruning is None
                              else args.global_pruning)
@@ -156,7 +178,7 @@ def check_sparsifier(cfg, meta, path):
     check_structured(sparsifier_config(cfg), plan)
 
 
-def configs(args, meta):
+def configs(args, meta, path="CHECKPOINT"):
     """(GlobalConfig, AugmentConfig) from the flags; sparsity defaults to the file's target."""
     g = GlobalConfig(lr=args.lr, eta_min=args.eta_min, weight_decay=args.weight_decay,
                      beta1=args.beta1, beta2=args.beta2, eps=args.eps,
@@ -164,7 +186,7 @@ def configs(args, meta):
                      delta_t=args.delta_t, t_end_coeff=args.t_end_coeff, loss_scale=args.loss_scale,
                      distill_weight=args.distill_weight if args.distill else 0.0,
                      distill_temperature=args.distill_temperature, freeze_non_mlp=args.freeze_non_mlp,
-                     seed=args.seed, **sparsifier_flags(args, meta))
+                     seed=args.seed, **sparsifier_flags(args, meta, path))
     a = AugmentConfig(augment=args.augment, crop_scale=tuple(sorted(args.crop_scale)), hflip=args.hflip,
                       color_jitter=args.color_jitter, mixup=args.mixup, cutmix=args.cutmix,
                       mix_prob=args.mix_prob, switch_prob=args.switch_prob, smoothing=args.smoothing)
@@ -195,11 +217,16 @@ def replace_head(ckpt, num_classes, rng):
 
 # ----------------------------------------------------------------------------- output
 def layout_config(cfg, meta):
-    """The config codec.encode chooses the layout by (codec_condensed.condensed_m): the input's
-    for static (its masks stay), else the fine-tuning sparsifier's, so srigl, nm and set
-    --fan-in constant write condensed groups (format 2) and rigl / set a bitmask (format 1)."""
+    """The config codec.encode chooses the layout by (codec_condensed.condensed_m): for static
+    (its masks stay) the input's stored layout (the layers' validated ``m``), else the fine-tuning
+    sparsifier's, so srigl, nm and set --fan-in constant write condensed groups (format 2) and
+    rigl / set a bitmask (format 1)."""
     if cfg.sparsifier == "static":
-        return meta.get("config") if isinstance(meta.get("config"), dict) else {}
+        ms = {l["m"] for g in meta["groups"] if g.get("layout") == "condensed" for l in g["layers"]}
+        if len(ms) != 1 or not all(g.get("layout") == "condensed" for g in meta["groups"]):
+            return {}                                   # bitmask input (or mixed layouts): bitmask
+        m = ms.pop()
+        return {"sparsifier": "nm", "nm": [1, m]} if m else {"sparsifier": "srigl"}
     return {"sparsifier": cfg.sparsifier, "fan_in": cfg.fan_in, "nm": list(cfg.nm)}
 
 
@@ -256,7 +283,7 @@ def run(args, log):
     seeds = np.random.SeedSequence(args.seed).spawn(4)  # order, augmentation, mixing, head
     if args.num_classes is not None:
         ckpt = replace_head(ckpt, args.num_classes, np.random.default_rng(seeds[3]))
-    cfg, aug = configs(args, meta)
+    cfg, aug = configs(args, meta, src)
     check_sparsifier(cfg, meta, src)
     xp, dtype = load_backend(args.backend), np.dtype(args.dtype).type
     model = prepare_model(ckpt, dtype=dtype, xp=xp)

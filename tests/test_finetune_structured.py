@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from fips_ref.checkpoint import load_checkpoint, save_npz_atomic
+from fips_ref.checkpoint import json_entry, load_checkpoint, save_npz_atomic
 from fips_ref.codec import fips_meta
 from fips_ref.compress import main as compress_main
 from fips_ref.decompress import main as decompress_main
@@ -259,7 +259,8 @@ def test_structured_sparsifier_on_a_bitmask_file(made, capsys):
 @pytest.mark.parametrize("case, flag", [
     ("global_srigl", "--global-pruning"), ("global_nm", "--global-pruning"),
     ("global_set", "--global-pruning"), ("nm_sparsity", "--sparsity"),
-    ("fan_in_rigl", "--fan-in"), ("nm_divides", "--nm"), ("hostile_v2", "fips.V.0.0.indices")])
+    ("fan_in_rigl", "--fan-in"), ("nm_divides", "--nm"), ("hostile_v2", "fips.V.0.0.indices"),
+    ("hostile_config", "config.nm"), ("hostile_target", "target_sparsity")])
 def test_bad_combinations_exit_2_one_line_nothing_written(made, capsys, case, flag):
     tmp, files = made
     src = files["srigl"]
@@ -279,6 +280,18 @@ def test_bad_combinations_exit_2_one_line_nothing_written(made, capsys, case, fl
             arrays = {k: z[k] for k in z.files if k != "fips.V.0.0.indices"}
         src = tmp / "hostile.fips.npz"
         save_npz_atomic(src, arrays)
+    elif case.startswith("hostile_"):                  # the defaults read the file's compress run
+        with np.load(files["nm"]) as z:
+            arrays = {k: z[k] for k in z.files}
+        meta = json.loads(str(arrays["fips"]))
+        if case == "hostile_config":
+            meta["config"]["nm"] = "1:x"
+        else:
+            meta["target_sparsity"] = "high"
+        arrays["fips"] = json_entry(meta)
+        src = tmp / f"{case}.fips.npz"
+        save_npz_atomic(src, arrays)
+        extra = ["--sparsifier", "rigl"] if case == "hostile_target" else []
     work = tmp / f"bad_{case}"
     work.mkdir()
     code, _, err = _run(capsys, [src, "--data", tmp / "train.npz", "--epochs", 1, "--batch-size", 8,
