@@ -25,6 +25,7 @@ from .codec import fips_meta, group_factors, group_masks
 from .local_stage import FiPSConfig
 from .models.train_mlps import dense_layer, factored_layer
 from .sharing import Layer
+from .sparsity import keep_count
 from .sparsifiers import (Schedule, constant_fan_in, nm_step_masks, rigl_gradients, set_rng,
                           sparsifier_masks, sparsifier_step, srste_grads)
 from .structured import fan_in_axes, unit_view
@@ -102,22 +103,29 @@ def _global(d):
 
 
 def has_structure(cfg, masks, plan):
-    """False only when set --fan-in constant / srigl is asked and some layer's active units hold
-    different counts (SRigL's ablated units hold 0); other sparsifiers take any loaded masks."""
+    """False only when set --fan-in constant / srigl is asked and some layer's masks are not what
+    it keeps at cfg.sparsity: every active unit at k = fan_in_k (set: every unit active), or for
+    srigl's ablation k = min(fan_in, keep_count(N, s) // active units); other sparsifiers take
+    any loaded masks (nm re-selects before every forward)."""
     if not constant_fan_in(sparsifier_config(cfg)):
-        return True                                     # nm: re-selected before every forward
+        return True
     axes = fan_in_axes(plan)
     for k, m in _local(masks).items():
         counts = unit_view(m, axes[k]).sum(axis=1)      # [units]
+        units, fan_in = unit_view(m, axes[k]).shape
         active = counts[counts > 0]
-        if active.size and bool((active != active[0]).any()):
+        target = keep_count(m.size, cfg.sparsity)
+        want = min(fan_in, target // max(int(active.size), 1)) if cfg.sparsifier == "srigl" else target // units
+        if (cfg.sparsifier == "set" and active.size != units) or bool((active != want).any()) \
+                or not active.size:
             return False
     return True
 
 
 def structured_start(cfg, state):
-    """prepare() of set --fan-in constant / srigl when the loaded masks lack constant fan-in (a
-    bitmask file): SRigL's constant fan-in init by magnitude of the loaded V (sparsifiers.sparsifier_masks)."""
+    """prepare() of set --fan-in constant / srigl when the loaded masks are not theirs (a bitmask
+    file, another sparsity): SRigL's constant fan-in init by magnitude of the loaded V
+    (sparsifiers.sparsifier_masks; inactive entries are 0, so loaded active ones come first)."""
     if has_structure(cfg, state.masks, state.plan):
         return
     V = _local({k: state.params[k] for k in state.masks})

@@ -244,16 +244,21 @@ def test_bitmask_sparsifier_on_a_condensed_file(made, capsys):
     capsys.readouterr()
 
 
-def test_structured_sparsifier_on_a_bitmask_file(made, capsys):
-    """--sparsifier srigl on a rigl (bitmask) file: the loaded masks get SRigL's constant fan-in
-    by magnitude before the first step, and the output is condensed."""
+@pytest.mark.parametrize("src, extra, s", [
+    ("rigl", ["--sparsifier", "srigl", "--sparsity", 0.5], 0.5),
+    ("rigl", ["--sparsifier", "set", "--fan-in", "constant", "--sparsity", 0.5], 0.5),
+    ("set", ["--sparsity", 0.75], 0.75)])
+def test_constant_fan_in_from_other_masks(made, capsys, src, extra, s):
+    """srigl / set --fan-in constant on masks that are not theirs (a rigl bitmask file, or a set
+    file at another sparsity): re-selected to constant fan-in at the requested sparsity before the
+    first step (SET itself never changes k), and the output is condensed."""
     tmp, files = made
-    z = _ft(capsys, tmp, files["rigl"], tmp / "rs.fips.npz", "--sparsifier", "srigl", "--sparsity", 0.5)
+    z = _ft(capsys, tmp, files[src], tmp / "cf.fips.npz", *extra)
     meta, layers = _own_layers(z)
-    assert meta["format_version"] == 2 and meta["config"]["sparsifier"] == "rigl"
+    assert meta["format_version"] == 2 and meta["config"]["sparsifier"] == src
     masks = {f"fips.V.{k}": m for k, (_, m, _) in layers.items()}
     bf = {f"fips.V.{k}": layer["basis_first"] for k, (_, _, layer) in layers.items()}
-    _check_constant(masks, bf, 0.5, ablates=True)
+    _check_constant(masks, bf, s, ablates="srigl" in extra)
 
 
 @pytest.mark.parametrize("case, flag", [
