@@ -271,6 +271,14 @@ def group_factors(ckpt, g):
     return U, list(V), layers
 
 
+def group_masks(ckpt, g):
+    """[mask_j bool [R, cols]] of one validated group entry, from either layout (bitmask or condensed)."""
+    if g.get("layout") == "condensed":
+        return [cc.decode(c)[1] for c in cc.group_condensed(ckpt, g)]
+    n, rank, cols = len(g["layers"]), g["rank"], g["cols"]
+    return list(_mask_bits(ckpt.tensors[f"fips.mask.{g['index']}"], n * rank * cols).reshape(n, rank, cols))
+
+
 def factored_mlps(ckpt, xp=np, dtype=np.float32, paths=None):
     """{block: (fc1, fc2)} of a compressed checkpoint, each an infer.InferLayer holding the data
     of the inference ``paths`` (None: every path the backend offers; docs/deployment.md §3).

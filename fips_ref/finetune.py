@@ -5,6 +5,7 @@ the authors' finetune.py, docs/authors-code.md §7) and writes a compressed chec
 format, so decompress, evaluate and convert read it. ``--help`` says where each default comes from;
 the recipe and the options beyond the authors' are in docs/finetune.md.
 """
+import argparse
 import dataclasses
 import sys
 import time
@@ -19,10 +20,13 @@ from .backend import load_backend
 from .checkpoint import Checkpoint, InputError, json_entry, load_checkpoint, save_json_atomic, save_npz_atomic
 from .cli import POSITIVE_INT, HelpFormatter, OneLineParser, check_paths, parse, ranged, run_cli
 from .codec import encode, fips_meta
-from .global_stage import GlobalConfig, init_state, schedule
+from .codec_condensed import condensed_m
+from .global_stage import GlobalConfig, file_plan, init_state, schedule, sparsifier_config
 from .outputs import all_or_nothing
 from .sharing import Layer
+from .sparsifiers import check_structured, per_layer_only
 from .sparsity import density
+from .structured import HELP, gamma_sal, nm_pattern, nm_sparsity
 from .train_data import check_batch, check_labels, open_train_data
 
 A7 = "docs/authors-code.md §7"
@@ -57,15 +61,31 @@ def build_parser():
     t.add_argument("--freeze-non-mlp", action="store_true", help="train only the MLPs (U, V, fc biases; "
                    "ours, docs/finetune.md); the authors train every parameter")
     s = p.add_argument_group(f"sparsity of V ({A7}, §5.5)")
-    s.add_argument("--sparsifier", choices=("rigl", "static"), default=g.sparsifier,
-                   help=f"rigl: the authors' ({A7}); static: the loaded masks stay (ours)")
+    s.add_argument("--sparsifier", choices=SPARSIFIERS,
+                   help=f"default: the input's when it was compressed with srigl, nm or set --fan-in "
+                        f"constant (docs/deployment.md §2), else rigl, the authors' ({A7}); static: the "
+                        f"loaded masks stay (ours). " + " ".join(f"{k}: {HELP[k]}." for k in ("set", "srigl", "nm")))
+    s.add_argument("--fan-in", dest="fan_in", choices=("any", "constant"), default=argparse.SUPPRESS,
+                   help=f"with --sparsifier set (default: the input's when it was compressed with set, "
+                        f"else any). {HELP['fan_in']}")
+    s.add_argument("--gamma-sal", dest="gamma_sal", type=gamma_sal, default=argparse.SUPPRESS,
+                   help=HELP["gamma_sal"].replace("default 0.3", "default: the input's when it was "
+                                                  "compressed with srigl, else 0.3") + " (srigl only)")
+    s.add_argument("--nm", type=nm_pattern, default=argparse.SUPPRESS,
+                   help="N:M of --sparsifier nm (default: the input's when it was compressed with nm, "
+                        "else 1:4); --sparsity defaults to 1 - N/M")
     s.add_argument("--sparsity", type=ranged(0, 1, hi_open=True),
-                   help="RigL's target (default: the checkpoint's target_sparsity; authors: 0.75)")
+                   help="RigL's target (default: the checkpoint's target_sparsity, authors: 0.75; "
+                        "with --sparsifier nm: 1 - N/M)")
     s.add_argument("--rigl-drop-fraction", type=ranged(0, 1), default=g.rigl_drop_fraction, help=f"RigL q (transfer config: 0.05, {A7})")
     s.add_argument("--delta-t", type=POSITIVE_INT, default=g.delta_t, help=f"steps between mask updates (authors: 50, {A7})")
     s.add_argument("--t-end-coeff", type=ranged(0, 1, lo_open=True), default=g.t_end_coeff, help=f"mask updates end at this fraction of the steps (authors: 0.75, {A7})")
-    s.add_argument("--uniform-pruning", dest="global_pruning", action="store_false",
-                   help="per-layer RigL selection (the authors' is global, docs/authors-code.md §5.4)")
+    gp = s.add_mutually_exclusive_group()
+    gp.add_argument("--global-pruning", dest="global_pruning", action="store_true", default=None,
+                    help="one selection over every V (default for rigl and set --fan-in any, "
+                         "docs/authors-code.md §5.4); refused for srigl, nm, set --fan-in constant")
+    gp.add_argument("--uniform-pruning", dest="global_pruning", action="store_false",
+                    help="per-layer selection (default for srigl, nm, set --fan-in constant: per layer only)")
     d = p.add_argument_group(f"data and loss ({A7}: DeiT-III 3-augment, Mixup/CutMix)")
     d.add_argument("--augment", choices=("3aug", "none"), default=a.augment, help=f"3aug: the authors' DeiT-III transform ({A7}); none: images as given")
     d.add_argument("--crop-scale", type=ranged(0, 1, lo_open=True), nargs=2, default=a.crop_scale, metavar=("LO", "HI"),
@@ -93,16 +113,80 @@ def build_parser():
     return p
 
 
-def configs(args, meta):
+SPARSIFIERS = ("rigl", "static", "set", "srigl", "nm")
+
+
+def input_run(meta, path):
+    """(the input's compress config fields the defaults read, its target sparsity), checked:
+    a hostile value is one line naming the key and the flag that replaces it."""
+    src = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)      # noqa: E731
+    valid = {"sparsifier": lambda v: isinstance(v, str),
+             "fan_in": lambda v: v in ("any", "constant"),
+             "gamma_sal": lambda v: v is None or (number(v) and 0 <= v <= 1),
+             "nm": lambda v: isinstance(v, (list, tuple)) and len(v) == 2
+             and all(isinstance(x, int) and not isinstance(x, bool) for x in v) and 1 <= v[0] < v[1] <= 256}
+    out = {}
+    for key, ok in valid.items():
+        if key in src:
+            if not ok(src[key]):
+                raise InputError(f"{path}: key 'fips' config.{key} is {str(src[key])[:40]!r}, not a "
+                                 f"valid --{key.replace('_', '-')} (give the flag)")
+            out[key] = src[key]
+    target = meta.get("target_sparsity", 0.75)
+    if not (number(target) and 0 <= target < 1):
+        raise InputError(f"{path}: key 'fips' target_sparsity is {str(target)[:40]!r}, expected a "
+                         f"number in [0, 1) (give --sparsity)")
+    return out, float(target)
+
+
+def sparsifier_flags(args, meta, path="CHECKPOINT"):
+    """{sparsifier, fan_in, gamma_sal, nm, sparsity, global_pruning} from the flags, each left
+    unset taken from the input's compress config (meta['config']) as --help says."""
+    src, target = input_run(meta, path)
+    default = GlobalConfig()
+    structured = condensed_m({"nm": default.nm, **src}) is not None
+    name = args.sparsifier or (src["sparsifier"] if structured else "rigl")
+    same = src.get("sparsifier") == name
+    out = {"sparsifier": name,
+           "fan_in": getattr(args, "fan_in", src.get("fan_in", "any") if same else "any"),
+           "gamma_sal": getattr(args, "gamma_sal", src.get("gamma_sal", 0.3) if same else 0.3),
+           "nm": tuple(getattr(args, "nm", tuple(src.get("nm", default.nm)) if same else default.nm))}
+    if args.sparsity is not None:
+        out["sparsity"] = float(args.sparsity)
+    else:
+        out["sparsity"] = nm_sparsity(*out["nm"]) if name == "nm" else target
+    probe = sparsifier_config(GlobalConfig(**{**out, "global_pruning": True}))
+    out["global_pruning"] = (not per_layer_only(probe) if args.global_pruning is None
+                             else args.global_pruning)
+    return out
+
+
+def check_sparsifier(cfg, meta, path):
+    """InputError naming the flag for a sparsifier the file's groups cannot run
+    (sparsifiers.check_structured, as compress; docs/deployment.md §6)."""
+    plan = file_plan(meta)
+    if cfg.sparsifier == "nm":
+        n, m = cfg.nm
+        for g in plan:
+            for layer in g.layers:
+                fan_in = g.rank if layer.basis_first else g.cols
+                if fan_in % m:
+                    raise InputError(f"--nm {n}:{m}: layer {layer.key} of {path} has fan-in {fan_in} "
+                                     f"(rank {g.rank} or width {g.cols}), not a multiple of M; "
+                                     f"compress with --round-to {m}")
+    check_structured(sparsifier_config(cfg), plan)
+
+
+def configs(args, meta, path="CHECKPOINT"):
     """(GlobalConfig, AugmentConfig) from the flags; sparsity defaults to the file's target."""
-    sparsity = args.sparsity if args.sparsity is not None else meta.get("target_sparsity", 0.75)
     g = GlobalConfig(lr=args.lr, eta_min=args.eta_min, weight_decay=args.weight_decay,
-                     beta1=args.beta1, beta2=args.beta2, eps=args.eps, sparsifier=args.sparsifier,
-                     sparsity=float(sparsity), rigl_drop_fraction=args.rigl_drop_fraction,
-                     delta_t=args.delta_t, t_end_coeff=args.t_end_coeff,
-                     global_pruning=args.global_pruning, loss_scale=args.loss_scale,
+                     beta1=args.beta1, beta2=args.beta2, eps=args.eps,
+                     rigl_drop_fraction=args.rigl_drop_fraction,
+                     delta_t=args.delta_t, t_end_coeff=args.t_end_coeff, loss_scale=args.loss_scale,
                      distill_weight=args.distill_weight if args.distill else 0.0,
-                     distill_temperature=args.distill_temperature, freeze_non_mlp=args.freeze_non_mlp)
+                     distill_temperature=args.distill_temperature, freeze_non_mlp=args.freeze_non_mlp,
+                     seed=args.seed, **sparsifier_flags(args, meta, path))
     a = AugmentConfig(augment=args.augment, crop_scale=tuple(sorted(args.crop_scale)), hflip=args.hflip,
                       color_jitter=args.color_jitter, mixup=args.mixup, cutmix=args.cutmix,
                       mix_prob=args.mix_prob, switch_prob=args.switch_prob, smoothing=args.smoothing)
@@ -132,9 +216,24 @@ def replace_head(ckpt, num_classes, rng):
 
 
 # ----------------------------------------------------------------------------- output
-def output_arrays(ckpt, meta, state, storage_dtype, run_meta):
+def layout_config(cfg, meta):
+    """The config codec.encode chooses the layout by (codec_condensed.condensed_m): for static
+    (its masks stay) the input's stored layout (the layers' validated ``m``), else the fine-tuning
+    sparsifier's, so srigl, nm and set --fan-in constant write condensed groups (format 2) and
+    rigl / set a bitmask (format 1)."""
+    if cfg.sparsifier == "static":
+        ms = {l["m"] for g in meta["groups"] if g.get("layout") == "condensed" for l in g["layers"]}
+        if len(ms) != 1 or not all(g.get("layout") == "condensed" for g in meta["groups"]):
+            return {}                                   # bitmask input (or mixed layouts): bitmask
+        m = ms.pop()
+        return {"sparsifier": "nm", "nm": [1, m]} if m else {"sparsifier": "srigl"}
+    return {"sparsifier": cfg.sparsifier, "fan_in": cfg.fan_in, "nm": list(cfg.nm)}
+
+
+def output_arrays(ckpt, meta, state, storage_dtype, run_meta, layout=None):
     """Arrays of the fine-tuned compressed file: trained tensors in checkpoint layout, factors
-    re-encoded by codec.encode with the final masks (docs/compressed-format.md)."""
+    re-encoded by codec.encode with the final masks (docs/compressed-format.md), condensed when
+    ``layout`` (layout_config) asks for it; the metadata keeps the input's compress config."""
     from .models.grad import torch_layout
     dense = {k: v for k, v in ckpt.tensors.items() if not k.startswith("fips.")}
     holder = SimpleNamespace(tensors=dense)
@@ -145,7 +244,7 @@ def output_arrays(ckpt, meta, state, storage_dtype, run_meta):
         layers = [Layer(l["key"], l["block"], l["basis_first"]) for l in g["layers"]]
         groups.append(SimpleNamespace(index=g["index"], blocks=g["blocks"] if "blocks" in g else
                                       [l.block for l in layers[::2]], rows=g["rows"], cols=g["cols"],
-                                      rank=g.get("trained_rank", g["rank"]), layers=layers))
+                                      rank=g["rank"], layers=layers))       # the stored (live) rank
         params[f"U.{g['index']}"] = state.params[f"fips.U.{g['index']}"]
         for l in layers:
             params[f"{l.key}.V"] = state.forward_v[f"fips.V.{l.key}"]
@@ -154,7 +253,13 @@ def output_arrays(ckpt, meta, state, storage_dtype, run_meta):
     result = SimpleNamespace(groups=groups, params=params, masks=masks)
     keep = {k: v for k, v in meta.items() if k not in ("groups", "format_version", "storage_dtype")}
     keep.update(achieved_sparsity=1.0 - density(state.masks), finetune=run_meta)
-    arrays, new_meta = encode(holder, result, keep, storage_dtype=storage_dtype)
+    arrays, new_meta = encode(holder, result, dict(keep, config=layout or keep.get("config") or {}),
+                              storage_dtype=storage_dtype)
+    new_meta.pop("config")
+    if "config" in keep:
+        new_meta["config"] = keep["config"]                # the input's compress run, as recorded
+    for g, old in zip(new_meta["groups"], meta["groups"]):
+        g["trained_rank"] = old.get("trained_rank", old["rank"])   # the budget's, not this file's
     arrays["config"], arrays["fips"] = json_entry(ckpt.config), json_entry(new_meta)
     return arrays
 
@@ -178,7 +283,8 @@ def run(args, log):
     seeds = np.random.SeedSequence(args.seed).spawn(4)  # order, augmentation, mixing, head
     if args.num_classes is not None:
         ckpt = replace_head(ckpt, args.num_classes, np.random.default_rng(seeds[3]))
-    cfg, aug = configs(args, meta)
+    cfg, aug = configs(args, meta, src)
+    check_sparsifier(cfg, meta, src)
     xp, dtype = load_backend(args.backend), np.dtype(args.dtype).type
     model = prepare_model(ckpt, dtype=dtype, xp=xp)
     k, (c, (s, _)) = model.cfg.num_classes, (model.cfg.in_chans, model.cfg.img_size)
@@ -207,7 +313,8 @@ def run(args, log):
                 "steps": sched.total_steps, "config": dataclasses.asdict(cfg),
                 "augment": dataclasses.asdict(aug), "num_classes": k}
     storage = np.dtype(args.storage_dtype or meta.get("storage_dtype", "float16"))
-    save_npz_atomic(args.out, output_arrays(ckpt, meta, state, storage, run_meta))
+    save_npz_atomic(args.out, output_arrays(ckpt, meta, state, storage, run_meta,
+                                            layout_config(cfg, meta)))
     report = dict(run_meta, output=args.out, backend=xp.__name__, dtype=args.dtype,
                   eval_data=args.eval_data, distill=args.distill,
                   schedule=dataclasses.asdict(sched), top1_val_before=val0,

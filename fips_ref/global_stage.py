@@ -4,6 +4,9 @@
 One step (``global_step``), in the authors' order (docs/authors-code.md §4.3): forward and
 backward of the whole model (models.vit/swin forward_train/backward) → RigL mask update on V
 (sparsifiers.sparsifier_step, global) → AdamW on every trainable tensor → cosine learning rate.
+The structured sparsifiers (set, srigl, nm; docs/deployment.md §2) run exactly as in
+local_stage.local_step: set/srigl on RigL's schedule per layer (set with SET's seeded rng), nm
+re-selects its N:M masks by magnitude before every forward and trains with SR-STE gradients.
 
 V is held as sparsimony holds it (docs/authors-code.md §5.1): a dense "original" ``params[k]``
 that AdamW updates (its gradient masked by the mask the forward used, its moments by the new
@@ -14,13 +17,18 @@ every step. Entries dropped by RigL keep their value in the original and resume 
 Letters: B batch, K classes, R rank.
 """
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 from .adamw import AdamWState, adamw_init, adamw_step, cosine_lr
 from .augment import kl_distill, soft_target_ce
-from .codec import _mask_bits, fips_meta, group_factors
+from .codec import fips_meta, group_factors, group_masks
 from .local_stage import FiPSConfig
 from .models.train_mlps import dense_layer, factored_layer
-from .sparsifiers import Schedule, rigl_gradients, sparsifier_step
+from .sharing import Layer
+from .sparsity import keep_count
+from .sparsifiers import (Schedule, constant_fan_in, nm_step_masks, rigl_gradients, set_rng,
+                          sparsifier_masks, sparsifier_step, srste_grads)
+from .structured import fan_in_axes, unit_view
 
 AUTHORS_DELTA_T = 50          # docs/authors-code.md §7
 AUTHORS_T_ACCEL = 0.25        # fixed at 0.25 · total steps (only GMP would read it)
@@ -35,7 +43,7 @@ class GlobalConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 9.999e-9
-    sparsifier: str = "rigl"            # rigl (authors) | static (ours: masks stay as loaded)
+    sparsifier: str = "rigl"            # rigl (authors) | static (ours: masks stay) | set | srigl | nm
     sparsity: float = 0.75              # the compressed file's target sparsity by default
     rigl_drop_fraction: float = 0.05    # q of the transfer config
     delta_t: int = AUTHORS_DELTA_T
@@ -45,6 +53,10 @@ class GlobalConfig:
     distill_weight: float = 0.0         # ours: weight of the KL to the original model
     distill_temperature: float = 1.0
     freeze_non_mlp: bool = False        # ours: train only the MLPs (U, V, biases)
+    fan_in: str = "any"                 # set: any | constant (docs/deployment.md §2)
+    gamma_sal: float = 0.3              # srigl's ablation threshold; None: no ablation
+    nm: tuple = (1, 4)                  # N:M of the nm sparsifier
+    seed: int = 0                       # SET's regrowth stream (sparsifiers.set_rng)
 
 
 @dataclass
@@ -57,6 +69,8 @@ class GlobalState:
     adam: AdamWState = field(default_factory=AdamWState, repr=False)
     rigl_sum: dict = field(default_factory=dict, repr=False)
     step: int = 0
+    plan: tuple = ()               # sharing.Group-like entries: each layer's fan-in axis (structured)
+    rng: object = field(default=None, repr=False)   # SET's np.random.Generator, made at step 1
 
 
 def schedule(cfg, total_steps):
@@ -68,7 +82,55 @@ def schedule(cfg, total_steps):
 def sparsifier_config(cfg):
     """The FiPSConfig fields sparsifiers.py reads (authors' variant: regrown entries resume)."""
     return FiPSConfig(sparsity=cfg.sparsity, sparsifier=cfg.sparsifier, variant="authors",
-                      rigl_drop_fraction=cfg.rigl_drop_fraction, global_pruning=cfg.global_pruning)
+                      rigl_drop_fraction=cfg.rigl_drop_fraction, global_pruning=cfg.global_pruning,
+                      fan_in=cfg.fan_in, gamma_sal=cfg.gamma_sal, nm=tuple(cfg.nm), seed=cfg.seed)
+
+
+def file_plan(meta):
+    """[group] of the file's metadata as sparsifiers.py reads a plan: rank, cols, layers (sharing.Layer)."""
+    return tuple(SimpleNamespace(index=g["index"], rank=g["rank"], cols=g["cols"],
+                                 layers=[Layer(l["key"], l["block"], l["basis_first"]) for l in g["layers"]])
+                 for g in meta["groups"])
+
+
+# sparsifiers.py keys V by '{layer}.V' (the local stage's names), this stage by 'fips.V.{layer}'
+def _local(d):
+    return {f"{k[len('fips.V.'):]}.V": v for k, v in d.items()}
+
+
+def _global(d):
+    return {f"fips.V.{k[:-len('.V')]}": v for k, v in d.items()}
+
+
+def has_structure(cfg, masks, plan):
+    """False only when set --fan-in constant / srigl is asked and some layer's masks are not what
+    it keeps at cfg.sparsity: every active unit at k = fan_in_k (set: every unit active), or for
+    srigl's ablation k = min(fan_in, keep_count(N, s) // active units); other sparsifiers take
+    any loaded masks (nm re-selects before every forward)."""
+    if not constant_fan_in(sparsifier_config(cfg)):
+        return True
+    axes = fan_in_axes(plan)
+    for k, m in _local(masks).items():
+        counts = unit_view(m, axes[k]).sum(axis=1)      # [units]
+        units, fan_in = unit_view(m, axes[k]).shape
+        active = counts[counts > 0]
+        target = keep_count(m.size, cfg.sparsity)
+        want = min(fan_in, target // max(int(active.size), 1)) if cfg.sparsifier == "srigl" else target // units
+        if (cfg.sparsifier == "set" and active.size != units) or bool((active != want).any()) \
+                or not active.size:
+            return False
+    return True
+
+
+def structured_start(cfg, state):
+    """prepare() of set --fan-in constant / srigl when the loaded masks are not theirs (a bitmask
+    file, another sparsity): SRigL's constant fan-in init by magnitude of the loaded V
+    (sparsifiers.sparsifier_masks; inactive entries are 0, so loaded active ones come first)."""
+    if has_structure(cfg, state.masks, state.plan):
+        return
+    V = _local({k: state.params[k] for k in state.masks})
+    state.masks = _global(sparsifier_masks(sparsifier_config(cfg), None, V, state.plan))
+    refresh_forward_v(state)
 
 
 def init_state(model, ckpt, cfg):
@@ -79,11 +141,11 @@ def init_state(model, ckpt, cfg):
     """
     xp, dtype = model.xp, model.dtype
     params, forward_v, masks, mlps = dict(model.params), {}, {}, {}
-    for g in fips_meta(ckpt)["groups"]:
-        U, Vs, layers = group_factors(ckpt, g)
+    meta = fips_meta(ckpt)
+    for g in meta["groups"]:
+        U, Vs, layers = group_factors(ckpt, g)                          # either layout (codec)
         params[f"fips.U.{g['index']}"] = U = xp.asarray(U, dtype=dtype)
-        bits = _mask_bits(ckpt.tensors[f"fips.mask.{g['index']}"], v_entries(g)).reshape(
-            len(layers), g["rank"], g["cols"])                          # [L, R, cols]
+        bits = group_masks(ckpt, g)                                     # [L] x [R, cols] bool
         per_block = {}
         for V, bit, layer in zip(Vs, bits, layers):
             key, bias = f"fips.V.{layer.key}", f"{layer.key}.bias"
@@ -99,12 +161,9 @@ def init_state(model, ckpt, cfg):
     for i, (prefix, _) in enumerate(ARCHS[model.arch].blocks(model.cfg)):
         if i not in mlps:
             mlps[i] = dense_layer(params, prefix)
-    return GlobalState(params, forward_v, masks, ()), mlps
-
-
-def v_entries(g):
-    """Entries of a group's V slices together: layers · rank · cols."""
-    return len(g["layers"]) * g["rank"] * g["cols"]
+    state = GlobalState(params, forward_v, masks, (), plan=file_plan(meta))
+    structured_start(cfg, state)
+    return state, mlps
 
 
 def _trains(key, cfg):
@@ -130,6 +189,13 @@ def global_step(state, model, mlps, cfg, sched, x, target, teacher=None):
     from .models import ARCHS
     arch = ARCHS[model.arch]
     state.step += 1
+    scfg = sparsifier_config(cfg)
+    if state.rng is None and cfg.sparsifier == "set":
+        state.rng = set_rng(scfg)
+    if cfg.sparsifier == "nm":                  # N:M by magnitude before every forward (SR-STE)
+        state.masks = _global(nm_step_masks(scfg, _local({k: state.params[k] for k in state.masks}),
+                                                   state.plan))
+        refresh_forward_v(state)
     logits, cache = arch.forward_train(model.cfg, state.params, mlps, x)
     loss, dlogits = loss_and_dlogits(logits, target, cfg, teacher)
     grads = {}
@@ -138,16 +204,22 @@ def global_step(state, model, mlps, cfg, sched, x, target, teacher=None):
     if not state.trainable:                 # AdamW's state, lazily as torch: every tensor with a grad
         state.trainable = tuple(k for k in grads if _trains(k, cfg))
         state.adam = adamw_init({k: state.params[k] for k in state.trainable})
-    scfg = sparsifier_config(cfg)
     dense = rigl_gradients(scfg, sched, state.step, grads, state.masks, state.rigl_sum)
     old_masks = state.masks
-    state.masks = sparsifier_step(scfg, sched, state.step, state.params, old_masks, dense)
-    lr = cosine_lr(state.step - 1, lr=cfg.lr, eta_min=cfg.eta_min, t_max=sched.total_steps)
+    local = _local(old_masks)
+    new = sparsifier_step(scfg, sched, state.step, _local({k: state.params[k] for k in old_masks}),
+                          local, None if dense is None else _local(dense), plan=state.plan, rng=state.rng)
+    state.masks = old_masks if new is local else _global(new)     # same object: unchanged
     keys = state.trainable
+    grad_masks = {k: m for k, m in old_masks.items() if k in keys}
+    moment_masks = {k: m for k, m in state.masks.items() if k in keys}
+    if cfg.sparsifier == "nm":                  # SR-STE trains every entry (Zhou et al. 2021)
+        srste_grads(grads, state.params, state.masks)
+        grad_masks = moment_masks = None
+    lr = cosine_lr(state.step - 1, lr=cfg.lr, eta_min=cfg.eta_min, t_max=sched.total_steps)
     adamw_step({k: state.params[k] for k in keys}, {k: grads[k] for k in keys}, state.adam, lr,
                betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay,
-               grad_masks={k: m for k, m in old_masks.items() if k in keys},
-               moment_masks={k: m for k, m in state.masks.items() if k in keys})
+               grad_masks=grad_masks, moment_masks=moment_masks)
     refresh_forward_v(state)
     return loss, lr, logits
 
