@@ -2,7 +2,7 @@
 "global error minimisation"; docs/authors-code.md §7).
 
 One step (``global_step``), in the authors' order (docs/authors-code.md §4.3): forward and
-backward of the whole model (models.vit/swin forward_train/backward) → RigL mask update on V
+backward of the whole model (models.model_vjp) → RigL mask update on V
 (sparsifiers.sparsifier_step, global) → AdamW on every trainable tensor → cosine learning rate.
 The structured sparsifiers (set, srigl, nm; docs/deployment.md §2) run exactly as in
 local_stage.local_step: set/srigl on RigL's schedule per layer (set with SET's seeded rng), nm
@@ -186,8 +186,7 @@ def global_step(state, model, mlps, cfg, sched, x, target, teacher=None):
     x [B, C, H, W] and target [B, K] (soft) on the device; teacher [B, K] logits or None.
     Returns (loss as a 0-d device array, lr used, logits [B, K]).
     """
-    from .models import ARCHS
-    arch = ARCHS[model.arch]
+    from .models import model_vjp
     state.step += 1
     scfg = sparsifier_config(cfg)
     if state.rng is None and cfg.sparsifier == "set":
@@ -196,11 +195,13 @@ def global_step(state, model, mlps, cfg, sched, x, target, teacher=None):
         state.masks = _global(nm_step_masks(scfg, _local({k: state.params[k] for k in state.masks}),
                                                    state.plan))
         refresh_forward_v(state)
-    logits, cache = arch.forward_train(model.cfg, state.params, mlps, x)
-    loss, dlogits = loss_and_dlogits(logits, target, cfg, teacher)
-    grads = {}
-    arch.backward(model.cfg, state.params, mlps, dlogits, cache, grads)
-    del cache
+    grads, out = {}, {}
+
+    def dlogits(logits):                        # the loss between the forward and the backward
+        out["loss"], d = loss_and_dlogits(logits, target, cfg, teacher)
+        return d
+    logits = model_vjp(model, mlps, x, dlogits, grads, params=state.params)
+    loss = out["loss"]
     if not state.trainable:                 # AdamW's state, lazily as torch: every tensor with a grad
         state.trainable = tuple(k for k in grads if _trains(k, cfg))
         state.adam = adamw_init({k: state.params[k] for k in state.trainable})

@@ -54,19 +54,23 @@ def vjp(checkpoint, images, dlogits, *, dtype=None, xp=None, batch_size=64):
     return logits, torch_layout(grads, ckpt)
 
 
-def model_vjp(model, mlps, x, dlogits, grads):  # [B, C, H, W], [B, K] -> [B, K]
+def model_vjp(model, mlps, x, dlogits, grads, params=None):  # [B, C, H, W], [B, K] -> [B, K]
     """One batch on the device: forward with caches, backward; adds math-layout grads to ``grads``.
 
     ``mlps`` are train_mlps.MLPLayer per block. ``dlogits`` is the array [B, K], or a callable
     logits -> dlogits for a loss of this forward's logits (a training step: loss gradient between
-    the forward and the backward). The entry point for training loops, which keep parameters and
-    gradients on the device (see torch_layout for the checkpoint layout).
+    the forward and the backward). ``params``: the arrays the forward reads (default
+    ``model.params``; a training loop passes its own). The entry point for training loops, which
+    keep parameters and gradients on the device (see torch_layout for the checkpoint layout).
     """
     from . import ARCHS
-    arch = ARCHS[model.arch]
-    logits, cache = arch.forward_train(model.cfg, model.params, mlps, x)
+    arch, cfg = ARCHS[model.arch], model.cfg
+    p = model.params if params is None else params
+    t, cache = arch.features_forward(cfg, p, {i: m.forward for i, m in mlps.items()}, x)
+    logits, head_cache = arch.head_forward(t, p, cfg)                  # [B, K]
     dl = dlogits(logits) if callable(dlogits) else dlogits
-    arch.backward(model.cfg, model.params, mlps, dl, cache, grads)
+    dt = arch.head_backward(dl, head_cache, p, cfg, grads)
+    arch.features_backward(dt, cache, p, cfg, {i: m.backward for i, m in mlps.items()}, grads)
     return logits
 
 

@@ -259,18 +259,3 @@ def head(t, p, cfg):  # [B, N, D] -> [B, K]
 def forward(cfg, p, mlps, x):  # [B, C, Hi, Wi] -> [B, K]
     """Logits of a ViT/DeiT; ``mlps[i]`` is block i's MLP callable [..., D] -> [..., D]."""
     return head(features(cfg, p, mlps, x), p, cfg)
-
-
-# ----------------------------------------------------------------------------- training
-def forward_train(cfg, p, mlps, x):  # [B, C, Hi, Wi] -> ([B, K], cache)
-    """Logits and the cache for :func:`backward`; ``mlps[i]`` is a train_mlps.MLPLayer."""
-    t, cache = features_forward(cfg, p, {i: m.forward for i, m in mlps.items()}, x)
-    logits, t = head_forward(t, p, cfg)
-    return logits, (cache, t)
-
-
-def backward(cfg, p, mlps, dlogits, cache, grads):  # [B, K] -> None; grads updated
-    """Add dLoss/dparam (math layout) for the upstream gradient ``dlogits`` to ``grads``."""
-    fcache, t = cache
-    dt = head_backward(dlogits, t, p, cfg, grads)
-    features_backward(dt, fcache, p, cfg, {i: m.backward for i, m in mlps.items()}, grads)
