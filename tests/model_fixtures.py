@@ -11,7 +11,24 @@ import os
 
 import numpy as np
 
-from fips_ref.checkpoint import Checkpoint, json_entry, load_checkpoint, save_npz_atomic
+from fips_ref.checkpoint import Checkpoint, MLPBlock, json_entry, load_checkpoint, save_npz_atomic
+
+
+def mlp_weights(rng, n_blocks, d, f, *, scaled=False):
+    """Just the MLPs of ``n_blocks`` ViT blocks: ({timm key: float64 [out, in] / [out]}, [MLPBlock]).
+
+    ``scaled``: weights / √fan-in and biases × 0.1 (outputs O(1)); else unit normal draws.
+    """
+    w_in, w_hidden, b_scale = (d**0.5, f**0.5, 0.1) if scaled else (1.0, 1.0, 1.0)
+    weights, blocks = {}, []
+    for i in range(n_blocks):
+        b = MLPBlock(i, f"blocks.{i}", 0, d, f)
+        weights[b.key("mlp.fc1.weight")] = rng.standard_normal((f, d)) / w_in
+        weights[b.key("mlp.fc1.bias")] = b_scale * rng.standard_normal(f)
+        weights[b.key("mlp.fc2.weight")] = rng.standard_normal((d, f)) / w_hidden
+        weights[b.key("mlp.fc2.bias")] = b_scale * rng.standard_normal(d)
+        blocks.append(b)
+    return weights, blocks
 
 
 def _pair(v):

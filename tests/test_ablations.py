@@ -15,27 +15,16 @@ from fips_ref.ablations import (expand_grid, fold_scaling, grow, he_init, m_key,
                                 scaled_v)
 from fips_ref.backend import to_numpy
 from fips_ref.budget import rank_for_shape
-from fips_ref.checkpoint import Checkpoint, InputError, MLPBlock, json_entry, load_checkpoint
+from fips_ref.checkpoint import Checkpoint, InputError, json_entry, load_checkpoint
 from fips_ref.codec import decompressed_tensors, encode
 from fips_ref.local_stage import (FiPSConfig, compressed_layers, init_factors, loss_and_grads,
                                   plan_groups, run_local_stage)
 from fips_ref.sharing import (STRATEGIES, build_groups, concat_group, layer_factors, strategy_name,
                               svd_init, v_keys)
+from model_fixtures import mlp_weights
 
 F64 = dict(rtol=1e-9, atol=1e-9)
 GRID = ("by-type", "by-block")
-
-
-def _vit(rng, n_blocks, d, F):
-    weights, blocks = {}, []
-    for i in range(n_blocks):
-        pre = f"blocks.{i}"
-        weights[f"{pre}.mlp.fc1.weight"] = rng.standard_normal((F, d))
-        weights[f"{pre}.mlp.fc1.bias"] = rng.standard_normal(F)
-        weights[f"{pre}.mlp.fc2.weight"] = rng.standard_normal((d, F))
-        weights[f"{pre}.mlp.fc2.bias"] = rng.standard_normal(d)
-        blocks.append(MLPBlock(i, pre, 0, d, F))
-    return weights, blocks
 
 
 def _layer_weights(params, masks, groups):  # {key: math weight [in, out]}
@@ -59,7 +48,7 @@ def test_strategy_names_and_numerals():
 def test_grid_layouts_place_each_block():
     """II: rows fc1 | fc2, a column block per block; III: a row block per block, columns fc1 | fc2."""
     d, F = 3, 8
-    w, blocks = _vit(np.random.default_rng(0), 2, d, F)
+    w, blocks = mlp_weights(np.random.default_rng(0), 2, d, F)
     W = {k: w[f"{k}.weight"].T for k in ("blocks.0.mlp.fc1", "blocks.1.mlp.fc1")}      # [d, F]
     W.update({k: w[f"{k}.weight"] for k in ("blocks.0.mlp.fc2", "blocks.1.mlp.fc2")})   # fc2ᵀ [d, F]
     g2 = build_groups(blocks, [[0, 1]], budget=0.5, sparsity=0.75, strategy="by-type")[0]
@@ -74,7 +63,7 @@ def test_grid_layouts_place_each_block():
                                         [W["blocks.1.mlp.fc1"], W["blocks.1.mlp.fc2"]]]))
     assert v_keys(g3) == ["group0.fc1.V", "group0.fc2.V"]
     # neither is a transpose of I (long) or IV (short): different shapes for n = 3 blocks
-    w3, b3 = _vit(np.random.default_rng(1), 3, d, F)
+    w3, b3 = mlp_weights(np.random.default_rng(1), 3, d, F)
     shapes = {s: concat_group(w3, build_groups(b3, [[0, 1, 2]], budget=0.5, sparsity=0.75,
                                                strategy=s)[0]).shape for s in STRATEGIES}
     flat = {shapes["long"], shapes["long"][::-1], shapes["short"], shapes["short"][::-1]}
@@ -86,7 +75,7 @@ def test_grid_layouts_place_each_block():
        strategy=st.sampled_from(GRID), extra=st.integers(0, 3))
 def test_grid_strategies_reconstruct_exactly_at_full_rank(seed, n, d, ratio, strategy, extra):
     """At rank ≥ min(rows, cols) of C, every layer's U_l V = its original math weight."""
-    w, blocks = _vit(np.random.default_rng(seed), n, d, ratio * d)
+    w, blocks = mlp_weights(np.random.default_rng(seed), n, d, ratio * d)
     g = build_groups(blocks, [list(range(n))], budget=1.0, sparsity=0.9, strategy=strategy)[0]
     g = replace(g, rank=min(concat_group(w, g).shape) + extra)
     params = init_factors(w, [g], xp=np, dtype=np.float64, tau=32.0)
@@ -99,7 +88,7 @@ def test_grid_strategies_reconstruct_exactly_at_full_rank(seed, n, d, ratio, str
 def test_rank_is_the_largest_within_budget(strategy, budget, sparsity):
     """Dense U + density·(every V slice) ≤ p·(2n·D·F), and one more rank unit would not fit."""
     n, d, F = 3, 16, 64
-    w, blocks = _vit(np.random.default_rng(0), n, d, F)
+    w, blocks = mlp_weights(np.random.default_rng(0), n, d, F)
     g = build_groups(blocks, [[0, 1, 2]], budget=budget, sparsity=sparsity, strategy=strategy)[0]
     params = init_factors(w, [g], xp=np, dtype=np.float64, tau=32.0)
     U, Vs = params["U.0"], [params[k] for k in v_keys(g)]
@@ -109,7 +98,7 @@ def test_rank_is_the_largest_within_budget(strategy, budget, sparsity):
 
 
 def test_grid_ranks_from_the_shape_of_c():
-    _, blocks = _vit(np.random.default_rng(0), 4, 8, 32)
+    _, blocks = mlp_weights(np.random.default_rng(0), 4, 8, 32)
     g2, = build_groups(blocks, [[0, 1, 2, 3]], budget=0.5, sparsity=0.75, strategy="II")
     g3, = build_groups(blocks, [[0, 1, 2, 3]], budget=0.5, sparsity=0.75, strategy="III")
     assert g2.rank == rank_for_shape(16, 128, 0.5, 0.75) and g3.rank == rank_for_shape(32, 64, 0.5, 0.75)
@@ -119,7 +108,7 @@ def test_grid_ranks_from_the_shape_of_c():
 def test_expand_grid_keeps_every_layer_weight_and_its_nonzeros(xp, strategy):
     """The file's form (one U, a V per layer) gives the same weights, masks keep each layer's nnz."""
     rng = np.random.default_rng(4)
-    w, blocks = _vit(rng, 3, 4, 8)
+    w, blocks = mlp_weights(rng, 3, 4, 8)
     g = build_groups(blocks, [[0, 1, 2]], budget=0.5, sparsity=0.5, strategy=strategy)[0]
     params = init_factors(w, [g], xp=xp, dtype=np.float64, tau=32.0)
     masks = {k: xp.asarray(rng.random(params[k].shape) < 0.5) for k in v_keys(g)}
@@ -140,7 +129,7 @@ def test_expand_grid_keeps_every_layer_weight_and_its_nonzeros(xp, strategy):
 @given(seed=st.integers(0, 2**31), n=st.integers(1, 3), d=st.integers(2, 4), ratio=st.integers(1, 3))
 def test_every_strategy_holds_every_weight_exactly_once(seed, n, d, ratio):
     """C of I-IV is a rearrangement of the same 2n·D·F weights, so their relative errors compare."""
-    w, blocks = _vit(np.random.default_rng(seed), n, d, ratio * d)
+    w, blocks = mlp_weights(np.random.default_rng(seed), n, d, ratio * d)
     Cs = [concat_group(w, build_groups(blocks, [list(range(n))], budget=1.0, sparsity=0.9, strategy=s)[0])
           for s in STRATEGIES]
     assert all(C.size == 2 * n * d * ratio * d for C in Cs)
@@ -194,7 +183,7 @@ def test_random_init_has_he_variance():
 
 
 def test_random_init_does_not_start_from_the_weights_and_is_seeded():
-    w, blocks = _vit(np.random.default_rng(0), 2, 4, 16)
+    w, blocks = mlp_weights(np.random.default_rng(0), 2, 4, 16)
     g = build_groups(blocks, [[0, 1]], budget=0.5, sparsity=0.75)[0]
     a = init_factors(w, [g], xp=np, dtype=np.float64, tau=32.0, init="random", seed=5)
     b = init_factors(w, [g], xp=np, dtype=np.float64, tau=32.0, init="random", seed=5)
@@ -209,7 +198,7 @@ def test_random_init_does_not_start_from_the_weights_and_is_seeded():
        strategy=st.sampled_from(STRATEGIES))
 def test_scaling_vectors_reconstruct_at_full_rank(seed, n, d, strategy):
     """U V_j diag(m_j) = every layer's weight at full rank; m the column norms of C."""
-    w, blocks = _vit(np.random.default_rng(seed), n, d, 4 * d)
+    w, blocks = mlp_weights(np.random.default_rng(seed), n, d, 4 * d)
     g = build_groups(blocks, [list(range(n))], budget=1.0, sparsity=0.9, strategy=strategy)[0]
     C = concat_group(w, g)
     g = replace(g, rank=min(C.shape))
@@ -230,7 +219,7 @@ def test_normalise_columns_zero_column():
 def test_gradients_of_magnitudes_shared_u_and_shared_v_by_finite_differences(strategy):
     """Directional derivative of the loss along a random direction of every parameter (m, U, V, b)."""
     rng = np.random.default_rng(7)
-    w, blocks = _vit(rng, 2, 3, 6)
+    w, blocks = mlp_weights(rng, 2, 3, 6)
     g = build_groups(blocks, [[0, 1]], budget=0.9, sparsity=0.5, strategy=strategy)[0]
     params = init_factors(w, [g], xp=np, dtype=np.float64, tau=32.0, scaling_vectors=True)
     params = {k: v + 0.1 * rng.standard_normal(v.shape) for k, v in params.items()}
@@ -267,7 +256,7 @@ def test_folding_keeps_the_mask_and_the_weight_in_both_orientations(basis_first)
 # ----------------------------------------------------------------------------- end to end
 def _train(strategy, scaling, init="svd", growth="hybrid", budget=0.5):
     rng = np.random.default_rng(0)
-    w, blocks = _vit(rng, 4, 8, 32)
+    w, blocks = mlp_weights(rng, 4, 8, 32)
     acts = {b.index: rng.standard_normal((16, 8)).astype(np.float32) for b in blocks}
     cfg = FiPSConfig(budget=budget, strategy=strategy, scaling_vectors=scaling, init=init, growth=growth,
                      epochs=2, batch_size=8, delta_t=1, t_accel=1)
@@ -308,7 +297,7 @@ def test_options_reach_the_config(flags):
 
 
 def test_bad_combinations_are_one_line_errors():
-    w, blocks = _vit(np.random.default_rng(0), 2, 4, 16)
+    w, blocks = mlp_weights(np.random.default_rng(0), 2, 4, 16)
     acts = {b.index: np.zeros((8, 4), np.float32) for b in blocks}
     for cfg, needle in [(FiPSConfig(init="random", scaling_vectors=True), "--scaling-vectors"),
                         (FiPSConfig(solver="als", strategy="by-type"), "--concat by-type"),

@@ -12,7 +12,6 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 
 from fips_ref.als import als_levels, als_sweep, fill_zero_columns, run_als  # noqa: E402
 from fips_ref.backend import to_numpy  # noqa: E402
-from fips_ref.checkpoint import MLPBlock  # noqa: E402
 from fips_ref.closed_form import (LayerTerm, objective, objective_grads, u_step, v_step,  # noqa: E402
                                   whitened_init)
 from fips_ref.local_stage import FiPSConfig, dense_weights, run_local_stage  # noqa: E402
@@ -20,6 +19,7 @@ from fips_ref.mlp import gelu  # noqa: E402
 from fips_ref.sharing import svd_init  # noqa: E402
 from fips_ref.sparsity import keep_count, prune_to  # noqa: E402
 from fips_ref.stats import block_stats, metric  # noqa: E402
+from model_fixtures import mlp_weights  # noqa: E402
 
 
 def _spd(rng, n, kind):  # None | [n] | [n, n] with a spread of eigenvalues
@@ -248,13 +248,7 @@ def test_als_levels_end_exactly_at_the_target():
 # ----------------------------------------------------------------------------- statistics
 def _tiny(seed, n_blocks=2, D=6, F=12, n=10, tokens=3):
     rng = np.random.default_rng(seed)
-    blocks = [MLPBlock(i, f"blocks.{i}", 0, D, F) for i in range(n_blocks)]
-    w = {}
-    for b in blocks:
-        w[b.key("mlp.fc1.weight")] = rng.standard_normal((F, D)) / D**0.5
-        w[b.key("mlp.fc1.bias")] = 0.1 * rng.standard_normal(F)
-        w[b.key("mlp.fc2.weight")] = rng.standard_normal((D, F)) / F**0.5
-        w[b.key("mlp.fc2.bias")] = 0.1 * rng.standard_normal(D)
+    w, blocks = mlp_weights(rng, n_blocks, D, F, scaled=True)
     acts = {b.index: (rng.standard_normal((n, tokens, D)) * rng.uniform(0.2, 3, D) + 0.5)
             for b in blocks}
     return {k: v.astype(np.float32) for k, v in w.items()}, blocks, \

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from fips_ref.checkpoint import InputError, MLPBlock, json_entry, load_checkpoint, save_npz_atomic
+from fips_ref.checkpoint import InputError, json_entry, load_checkpoint, save_npz_atomic
 from fips_ref.compress import main as compress_main
 from fips_ref.decompress import main as decompress_main
 from fips_ref.evaluate import main as evaluate_main
@@ -22,7 +22,7 @@ from fips_ref.models import forward_model, prepare_model
 from fips_ref.sparsity import keep_count
 from fips_ref.structured import fan_in_axes, unit_view
 
-from model_fixtures import make_vit_checkpoint
+from model_fixtures import make_vit_checkpoint, mlp_weights
 
 D, F = 8, 32
 FAST = ["--epochs", "2", "--batch-size", "8", "--quiet"]
@@ -30,13 +30,7 @@ FAST = ["--epochs", "2", "--batch-size", "8", "--quiet"]
 
 def _model(seed, n_blocks=2, n=32, tokens=2):
     rng = np.random.default_rng(seed)
-    blocks = [MLPBlock(i, f"blocks.{i}", 0, D, F) for i in range(n_blocks)]
-    w = {}
-    for b in blocks:
-        w[b.key("mlp.fc1.weight")] = rng.standard_normal((F, D)) / D**0.5
-        w[b.key("mlp.fc1.bias")] = 0.1 * rng.standard_normal(F)
-        w[b.key("mlp.fc2.weight")] = rng.standard_normal((D, F)) / F**0.5
-        w[b.key("mlp.fc2.bias")] = 0.1 * rng.standard_normal(D)
+    w, blocks = mlp_weights(rng, n_blocks, D, F, scaled=True)
     w = {k: v.astype(np.float32) for k, v in w.items()}
     acts = {i: rng.standard_normal((n, tokens, D)).astype(np.float32) for i in range(n_blocks)}
     return w, blocks, acts

@@ -20,6 +20,7 @@ from fips_ref.local_stage import (FiPSConfig, Schedule, rigl_gradients, cached_t
 from fips_ref.sharing import build_groups
 from fips_ref.sparsity import (cubic_sparsity, initial_masks, keep_count, rigl_drop_fraction,
                                rigl_update)
+from model_fixtures import mlp_weights
 
 D, F = 8, 32
 
@@ -31,12 +32,7 @@ def _blocks(n_blocks):
 def _random_model(seed, n_blocks=2, n=64, tokens=2):
     """float32 tensors, as checkpoints hold them; most runs compute in float64 (no aliasing)."""
     rng = np.random.default_rng(seed)
-    weights = {}
-    for b in _blocks(n_blocks):
-        weights[b.key("mlp.fc1.weight")] = rng.standard_normal((F, D)) / D**0.5
-        weights[b.key("mlp.fc1.bias")] = 0.1 * rng.standard_normal(F)
-        weights[b.key("mlp.fc2.weight")] = rng.standard_normal((D, F)) / F**0.5
-        weights[b.key("mlp.fc2.bias")] = 0.1 * rng.standard_normal(D)
+    weights, _ = mlp_weights(rng, n_blocks, D, F, scaled=True)
     acts = {i: rng.standard_normal((n, tokens, D)) for i in range(n_blocks)}
     return _f32(weights), _blocks(n_blocks), _f32(acts)
 

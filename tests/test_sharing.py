@@ -13,6 +13,7 @@ from fips_ref.budget import sparse_rank
 from fips_ref.checkpoint import InputError, MLPBlock
 from fips_ref.sharing import (build_groups, check_groups, concat_group, default_groups,
                               layer_factors, parse_groups, split_v, svd_init)
+from model_fixtures import mlp_weights
 
 F64 = dict(rtol=1e-10, atol=1e-10)
 
@@ -95,21 +96,9 @@ def test_svd_init_signs_do_not_depend_on_input_sign():
 
 
 # ----------------------------------------------------------------------------- C and layers
-def _vit(rng, n_blocks, d, F):
-    weights, blocks = {}, []
-    for i in range(n_blocks):
-        pre = f"blocks.{i}"
-        weights[f"{pre}.mlp.fc1.weight"] = rng.standard_normal((F, d))
-        weights[f"{pre}.mlp.fc1.bias"] = rng.standard_normal(F)
-        weights[f"{pre}.mlp.fc2.weight"] = rng.standard_normal((d, F))
-        weights[f"{pre}.mlp.fc2.bias"] = rng.standard_normal(d)
-        blocks.append(MLPBlock(i, pre, 0, d, F))
-    return weights, blocks
-
-
 def test_concat_long_order_and_blocks():
     d, F = 3, 12
-    weights, blocks = _vit(np.random.default_rng(0), 4, d, F)
+    weights, blocks = mlp_weights(np.random.default_rng(0), 4, d, F)
     g = build_groups(blocks, [[2, 3], [0, 1]], budget=0.5, sparsity=0.75)[0]
     assert [l.key for l in g.layers] == ["blocks.2.mlp.fc1", "blocks.2.mlp.fc2",
                                          "blocks.3.mlp.fc1", "blocks.3.mlp.fc2"]
@@ -125,7 +114,7 @@ def test_concat_long_order_and_blocks():
 
 def test_concat_short_order_and_blocks():
     d, F = 3, 12
-    weights, blocks = _vit(np.random.default_rng(0), 2, d, F)
+    weights, blocks = mlp_weights(np.random.default_rng(0), 2, d, F)
     g = build_groups(blocks, [[0, 1]], budget=0.5, sparsity=0.75, strategy="short")[0]
     assert [l.key for l in g.layers] == ["blocks.0.mlp.fc1", "blocks.0.mlp.fc2",
                                          "blocks.1.mlp.fc1", "blocks.1.mlp.fc2"]
@@ -143,7 +132,7 @@ def test_concat_short_order_and_blocks():
 def test_layer_factors_reproduce_math_weights_at_full_rank(strategy, extra):
     """A @ B of every layer = its math weight [in, out]: fc1.weight.T, fc2.weight.T."""
     d, F = 4, 16
-    weights, blocks = _vit(np.random.default_rng(3), 3, d, F)
+    weights, blocks = mlp_weights(np.random.default_rng(3), 3, d, F)
     g = build_groups(blocks, [[0, 1, 2]], budget=0.5, sparsity=0.75, strategy=strategy)[0]
     C = concat_group(weights, g)
     g = replace(g, rank=min(C.shape) + extra)
