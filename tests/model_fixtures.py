@@ -212,6 +212,22 @@ def _as_list(v):
     return list(v) if isinstance(v, tuple) else v
 
 
+def import_timm_reference():
+    """The timm_reference module, or skip the calling test module where torch or timm is missing
+    or cannot be imported (timm_reference stubs a broken torchvision first)."""
+    import importlib
+    import importlib.util
+
+    import pytest
+    pytest.importorskip("torch")
+    if importlib.util.find_spec("timm") is None:
+        pytest.skip("could not import 'timm': not installed", allow_module_level=True)
+    try:
+        return importlib.import_module("timm_reference")
+    except Exception as e:  # e.g. a torchvision built for another torch: RuntimeError on import
+        pytest.skip(f"timm is not importable here: {type(e).__name__}: {e}", allow_module_level=True)
+
+
 def timm_vit_config(kw, extra):
     """Our checkpoint config of a timm VisionTransformer(**kw)."""
     config = dict(arch="vit", img_size=_as_list(kw["img_size"]),

@@ -5,22 +5,15 @@ logits.backward(dlogits) gives every parameter's .grad, which must equal our han
 gradients under the same key and in the same (PyTorch) layout.
 Run:  python -m pytest tests/test_backward_timm.py -q
 """
-import importlib.util
-
 import numpy as np
 import pytest
 
-from model_fixtures import TIMM_SWIN_CASES, TIMM_VIT_CASES, timm_case_images
+from fips_ref.models import vjp
+from model_fixtures import TIMM_SWIN_CASES, TIMM_VIT_CASES, import_timm_reference, timm_case_images
 
-torch = pytest.importorskip("torch")
-if importlib.util.find_spec("timm") is None:
-    pytest.skip("could not import 'timm': not installed", allow_module_level=True)
-try:    # timm_reference stubs a missing or broken torchvision (timm imports it, never uses it)
-    from timm_reference import build_timm_model, export_case
-except Exception as e:
-    pytest.skip(f"timm is not importable here: {type(e).__name__}: {e}", allow_module_level=True)
-
-from fips_ref.models import vjp  # noqa: E402
+import_timm_reference()   # skips this module without torch and timm
+import torch  # noqa: E402
+from timm_reference import build_timm_model, export_case  # noqa: E402
 
 
 def timm_vjp(model, images, dlogits):

@@ -8,23 +8,17 @@ Cases: model_fixtures.TIMM_VIT_CASES / TIMM_SWIN_CASES; the same comparison with
 stored timm outputs, is tests/test_timm_fixtures.py.
 Run:  python -m pytest tests/test_models_timm.py -q
 """
-import importlib.util
-
 import numpy as np
 import pytest
 
 from fips_ref.checkpoint import json_entry, load_checkpoint, save_npz_atomic
 from fips_ref.models import forward
-from model_fixtures import TIMM_SWIN_CASES, TIMM_VIT_CASES, timm_case_images, timm_swin_config
+from model_fixtures import (TIMM_SWIN_CASES, TIMM_VIT_CASES, import_timm_reference, timm_case_images,
+                            timm_swin_config)
 
-torch = pytest.importorskip("torch")
-if importlib.util.find_spec("timm") is None:
-    pytest.skip("could not import 'timm': not installed", allow_module_level=True)
-try:    # timm_reference stubs a missing or broken torchvision (timm imports it, never uses it)
-    from timm_reference import build_timm_model, export_case, randomize_, timm_run
-    from timm.models.swin_transformer import SwinTransformer
-except Exception as e:
-    pytest.skip(f"timm is not importable here: {type(e).__name__}: {e}", allow_module_level=True)
+import_timm_reference()   # skips this module without torch and timm
+from timm.models.swin_transformer import SwinTransformer  # noqa: E402
+from timm_reference import build_timm_model, export_case, randomize_, timm_run  # noqa: E402
 
 TOL = {np.float32: dict(rtol=1e-3, atol=1e-4), np.float64: dict(rtol=1e-9, atol=1e-10)}
 

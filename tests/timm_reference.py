@@ -1,6 +1,6 @@
 """timm side of the model oracle: build a case's timm model with random weights and run it.
 
-Needs torch and timm; imported only by tests/test_models_timm.py (after importorskip) and by
+Needs torch and timm; imported only through model_fixtures.import_timm_reference (tests) and by
 the maintainer script weights/make_timm_fixtures.py. Case definitions: model_fixtures.py.
 
 timm imports torchvision at import time (FrozenBatchNorm2d, transforms) but its ViT and Swin
