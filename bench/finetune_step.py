@@ -49,9 +49,9 @@ import subprocess
 import sys
 import time
 
+from step import median, set_threads   # bench/step.py: stdlib only, safe before NumPy
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
-               "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 DEIT_S = dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0,
               num_classes=1000)
 
@@ -80,14 +80,6 @@ def parse_args(argv=None):
     p.add_argument("--memory-side", choices=("numpy", "torch"), default=None,
                    help=argparse.SUPPRESS)     # internal: the per-side memory subprocess
     return p.parse_args(argv)
-
-
-def set_threads(n):
-    """Thread count for every BLAS/OpenMP runtime; must run before NumPy is imported."""
-    if "numpy" in sys.modules:
-        raise RuntimeError("set_threads must run before numpy is imported")
-    for var in THREAD_VARS:
-        os.environ[var] = str(n)
 
 
 def maxrss_mib():
@@ -399,11 +391,6 @@ def run_memory(args, side):
             return tuple(float(x) for x in line.split()[1:])
     print(f"  memory subprocess ({side}) failed: {out.stderr.strip().splitlines()[-1:]}")
     return None
-
-
-def median(xs):
-    s = sorted(xs)
-    return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
 
 
 def main(argv=None):
