@@ -7,14 +7,13 @@ import sys
 
 from .checkpoint import json_entry, load_checkpoint, save_npz_atomic
 from .cli import OneLineParser, check_paths, parse, run_cli
-from .codec import decompressed_tensors, fips_meta
+from .codec import decompressed_tensors
 
 
 def decompress(src, dst):
     """Write the dense checkpoint of compressed ``src`` to ``dst`` (atomic)."""
     ckpt = load_checkpoint(src)
-    fips_meta(ckpt)
-    tensors = decompressed_tensors(ckpt)
+    tensors = decompressed_tensors(ckpt)        # validates the file first (codec.fips_meta)
     tensors["config"] = json_entry(ckpt.config)
     save_npz_atomic(dst, tensors)
     return tensors
