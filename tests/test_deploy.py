@@ -123,6 +123,8 @@ def test_set_runs_are_seeded():
     (dict(sparsifier="nm", global_pruning=False, sparsity=0.75, nm=(1, 4), budget=0.55), "--nm 1:4"),
     (dict(sparsifier="srigl", global_pruning=False, solver="als"), "--solver als"),
     (dict(sparsifier="gmp", fan_in="constant"), "--fan-in constant"),
+    (dict(sparsifier="srigl", global_pruning=False, strategy="by-type"), "--concat by-type"),
+    (dict(sparsifier="nm", global_pruning=False, sparsity=0.75, strategy="by-block"), "--concat by-block"),
 ])
 def test_impossible_combinations_name_the_flag(cfg, match):
     w, blocks, acts = _model(0)
@@ -300,3 +302,14 @@ def test_convert_reads_condensed_files(compressed, capsys):
     got, d = read_safetensors(str(st))[0], np.load(dense)
     for key in ("blocks.0.mlp.fc1.weight", "blocks.1.mlp.fc2.weight"):
         np.testing.assert_array_equal(np.asarray(got[key]), d[key])
+
+
+def test_compress_refuses_structured_v_with_a_shared_v_strategy(compressed, capsys):
+    """--concat by-type (II) shares one V between layers: no one fan-in to keep constant."""
+    tmp, _ = compressed
+    out = tmp / "never.npz"
+    code = compress_main([str(tmp / "vit.npz"), "--calib-acts", str(tmp / "acts.npz"), "--out", str(out),
+                          "--sparsifier", "srigl", "--uniform-pruning", "--concat", "II", *FAST])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and not out.exists(), err
+    assert "--concat by-type" in err and "one V per layer" in err, err
